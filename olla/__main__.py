@@ -1,0 +1,5 @@
+import sys
+
+from olla.cli import main
+
+sys.exit(main())

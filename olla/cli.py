@@ -1,0 +1,173 @@
+"""The `olla` command: arguments, logging, and the serve lifecycle.
+
+serve: load config → start (the demo's emulated fleet, then the router) →
+wait for SIGTERM/SIGINT → drain in-flight requests up to `shutdown_timeout`
+→ exit 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+
+from olla import __version__
+from olla.errors import ConfigError
+
+log = logging.getLogger("olla")
+RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and every `extra` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}  # fmt: skip
+        entry.update((k, v) for k, v in vars(record).items() if k not in RECORD_FIELDS)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in RECORD_FIELDS)
+        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        return f"{line} {extra}".rstrip()
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from olla.config import find_config_path, load_config
+
+    return load_config(find_config_path(args.config, os.environ, Path.cwd()))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    endpoints = config.discovery.endpoints
+    print(f"{config.source}: ok ({len(endpoints)} endpoint(s), balancer {config.proxy.load_balancer})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = None
+    if not args.demo:
+        try:
+            config = _load(args)
+        except ConfigError as exc:
+            print("invalid configuration:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+            return 1
+    if config is not None:
+        setup_logging(config.logging.level, config.logging.format)
+    else:
+        setup_logging("info", "text")
+    main = serve(config) if config is not None else serve_demo(args.host, args.port)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def serve_demo(host: str, port: int) -> int:
+    from olla import demo
+
+    fleet, config = await demo.start(host, port)
+    try:
+        return await serve(config)
+    finally:
+        await fleet.__aexit__(None, None, None)
+
+
+async def serve(config) -> int:  # type: ignore[no-untyped-def]
+    from aiohttp import web
+
+    from olla.app import create_app
+
+    runner = web.AppRunner(
+        create_app(config), handler_cancellation=True, shutdown_timeout=config.server.shutdown_timeout,
+        access_log=None,
+    )  # fmt: skip
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        log.error("cannot listen", extra={"host": config.server.host, "port": config.server.port, "error": str(exc)})
+        return 1
+    log.info("listening", extra={"url": f"http://{config.server.host}:{config.server.port}", "version": __version__,
+                                 "endpoints": len(config.discovery.endpoints)})  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        log.info("draining", extra={"signal": signal.Signals(signum).name,
+                                    "timeout": config.server.shutdown_timeout})  # fmt: skip
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="olla", description="Route OpenAI-compatible traffic across llama.cpp servers")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="run the router")
+    serve_cmd.add_argument("-c", "--config", help="config file (default: $OLLA_CONFIG, then ./config.yaml)")
+    serve_cmd.add_argument("--demo", action="store_true", help="route to emulated llama.cpp servers started in-process")
+    serve_cmd.add_argument("--host", default="localhost", help="listen address in --demo mode (default localhost)")
+    serve_cmd.add_argument("--port", type=int, default=40114, help="listen port in --demo mode (default 40114)")
+    serve_cmd.set_defaults(run=cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file; exit 0 when valid, 1 with the errors")
+    check.add_argument("-c", "--config", help="config file (default: $OLLA_CONFIG, then ./config.yaml)")
+    check.set_defaults(run=cmd_check_config)
+
+    from olla.sim import cli as sim_cli
+
+    sim = commands.add_parser("sim", help="run an emulated llama.cpp llama-server")
+    sim_cli.add_arguments(sim)
+    sim.set_defaults(run=sim_cli.run)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(run=lambda _args: print(f"olla {__version__}") or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""One llama.cpp server from the registry: its configuration and live state.
+
+State changes are pure methods that take the time from the caller:
+
+    unknown ──probe ok──▶ healthy ◀──probe ok── loading | offline | unhealthy | misconfigured
+       │                    │
+       │                    └─ failed attempt (breaker) ─▶ offline | unhealthy
+       └─probe 503 Loading─▶ loading      probe refused/timeout ─▶ offline
+                                          probe 401/403 ─▶ misconfigured   other ─▶ unhealthy
+
+Only a healthy endpoint is routable. A breaker ejection lasts until the next
+good probe.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from olla.config import EndpointConfig
+
+OFFLINE_BACKOFF_CAP = 30.0
+LOADING_RECHECK = 1.0
+
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    LOADING = "loading"
+    OFFLINE = "offline"
+    UNHEALTHY = "unhealthy"
+    MISCONFIGURED = "misconfigured"
+
+
+class Outcome(enum.Enum):
+    """What one attempt against an endpoint taught the breaker."""
+
+    OK = "ok"
+    UNREACHABLE = "unreachable"  # refused, reset, or timed out before headers
+    REJECTED = "rejected"  # answered 502/503/504 before any byte
+    BROKEN = "broken"  # the stream broke after bytes went out
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The result of one active health check."""
+
+    health: Health
+    latency: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What an endpoint said about itself through /v1/models and /props."""
+
+    models: tuple[str, ...]  # the id first, then the aliases
+    n_ctx: int | None = None
+    n_ctx_train: int | None = None
+    total_slots: int | None = None
+    model_path: str | None = None
+    size: int | None = None
+    n_params: int | None = None
+
+
+@dataclass(eq=False)
+class Endpoint:
+    config: EndpointConfig
+    health: Health = Health.UNKNOWN
+    detail: str = ""
+    discovery: Discovery | None = None
+    discovered_at: float | None = None
+    last_check: float | None = None
+    last_latency: float | None = None
+    probe_failures: int = 0
+    breaker_failures: int = 0
+    in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    busy_slots: int = 0
+    _served: frozenset[str] = field(default_factory=frozenset, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def routable(self) -> bool:
+        return self.health is Health.HEALTHY
+
+    @property
+    def served(self) -> frozenset[str]:
+        """Every name this endpoint answers to: ids, aliases and the file name of a path id."""
+        return self._served
+
+    @property
+    def total_slots(self) -> int | None:
+        return self.discovery.total_slots if self.discovery else None
+
+    def record_probe(self, probe: Probe, now: float) -> bool:
+        """Apply one probe; True when the endpoint has just become healthy (a recovery)."""
+        was = self.health
+        self.last_check = now
+        self.last_latency = probe.latency
+        self.detail = probe.detail
+        self.health = probe.health
+        if probe.health is Health.HEALTHY:
+            self.probe_failures = 0
+            self.breaker_failures = 0
+        elif probe.health is not Health.LOADING:
+            self.probe_failures += 1
+        return probe.health is Health.HEALTHY and was is not Health.HEALTHY
+
+    def next_probe_in(self) -> float:
+        """Seconds until the next probe: sooner while loading, backing off while offline."""
+        interval = self.config.check_interval
+        if self.health is Health.LOADING:
+            return min(interval, LOADING_RECHECK)
+        if self.health is Health.OFFLINE and self.probe_failures > 1:
+            return min(interval * 2 ** (self.probe_failures - 1), max(interval, OFFLINE_BACKOFF_CAP))
+        return interval
+
+    def record_discovery(self, discovery: Discovery, now: float) -> None:
+        self.discovery = discovery
+        self.discovered_at = now
+        names = set(discovery.models)
+        names.update(base_name(m) for m in discovery.models)
+        if discovery.model_path:
+            names.add(base_name(discovery.model_path))
+        self._served = frozenset(names)
+
+    def record_outcome(self, outcome: Outcome, detail: str = "") -> bool:
+        """Feed the passive breaker; True when this attempt ejected the endpoint."""
+        if outcome is Outcome.OK:
+            self.breaker_failures = 0
+            return False
+        self.errors += 1
+        self.breaker_failures += 1
+        if not self.routable:
+            return False
+        self.health = Health.OFFLINE if outcome is Outcome.UNREACHABLE else Health.UNHEALTHY
+        self.detail = f"breaker: {detail}" if detail else "breaker"
+        return True
+
+    def url_for(self, configured: str | None, path: str) -> str:
+        """A configured absolute URL as is; a path (configured or the profile's) joined to the endpoint's url."""
+        target = configured or path
+        if target.startswith(("http://", "https://")):
+            return target
+        return self.config.url.rstrip("/") + "/" + target.lstrip("/")
+
+    def serves(self, model: str) -> bool:
+        return model in self._served or base_name(model) in self._served
+
+
+def base_name(model: str) -> str:
+    """`/models/llama-8b.gguf` and `llama-8b.gguf` name the same file."""
+    return model.rsplit("/", 1)[-1]

@@ -1,0 +1,129 @@
+"""Every error olla raises, and how each reaches a client.
+
+    OllaError                      status  code                  type
+    ├── ConfigError                  -     (exits 1; never a response)
+    └── RequestFailed
+        ├── InvalidRequest          400    invalid_request       invalid_request_error
+        │   ├── InvalidJSON         400    invalid_json          invalid_request_error
+        │   └── ModelRequired       400    model_required        invalid_request_error
+        ├── RouteNotFound           404    not_found             not_found_error
+        ├── ModelNotFound           404    model_not_found       invalid_request_error
+        ├── MethodNotAllowed        405    method_not_allowed    invalid_request_error
+        ├── BodyTooLarge            413    request_too_large     invalid_request_error
+        ├── NoHealthyEndpoint       503    no_healthy_endpoint   server_error  (Retry-After)
+        └── UpstreamError           502    upstream_error        server_error
+            ├── UpstreamUnreachable 502    backend_unreachable   server_error
+            ├── UpstreamTimeout     504    backend_timeout       server_error
+            ├── UpstreamRejected    (the endpoint answered 502/503/504 before any byte)
+            └── UpstreamBroken      502    upstream_stream_broken server_error
+
+Only `upstream.py` turns aiohttp's exceptions into these; one middleware turns
+a RequestFailed into OpenAI-shaped JSON `{"error": {"message", "type", "code"}}`.
+"""
+
+from __future__ import annotations
+
+
+class OllaError(Exception):
+    """Base of everything olla raises on purpose."""
+
+
+class ConfigError(OllaError):
+    """A configuration or profile file is invalid; `problems` names each bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class RequestFailed(OllaError):
+    status = 500
+    code = "internal_error"
+    type = "server_error"
+    retry_after: int | None = None
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+class InvalidRequest(RequestFailed):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class ModelRequired(InvalidRequest):
+    code = "model_required"
+
+
+class RouteNotFound(RequestFailed):
+    status = 404
+    code = "not_found"
+    type = "not_found_error"
+
+
+class ModelNotFound(RequestFailed):
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(RequestFailed):
+    status = 405
+    code = "method_not_allowed"
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(RequestFailed):
+    status = 413
+    code = "request_too_large"
+    type = "invalid_request_error"
+
+
+class NoHealthyEndpoint(RequestFailed):
+    status = 503
+    code = "no_healthy_endpoint"
+    type = "server_error"
+    retry_after = 5
+
+
+class UpstreamError(RequestFailed):
+    """An attempt against one endpoint failed; `retryable` says whether another may be tried."""
+
+    status = 502
+    code = "upstream_error"
+    retryable = True
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "backend_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "backend_timeout"
+
+
+class UpstreamRejected(UpstreamError):
+    """The endpoint answered 502, 503 or 504 before any byte reached the client."""
+
+    def __init__(self, message: str, status: int, body: bytes, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.upstream_body = body
+        self.upstream_headers = headers
+
+
+class UpstreamBroken(UpstreamError):
+    """The endpoint's stream broke after bytes went to the client; never retried."""
+
+    code = "upstream_stream_broken"
+    retryable = False

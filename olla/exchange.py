@@ -1,0 +1,113 @@
+"""One client request from receipt to last byte, and the middleware around every request.
+
+The middleware is the one place a RequestFailed becomes an OpenAI-shaped JSON
+error, and the one place the access log line and the request metrics are
+written.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from olla import __version__
+from olla.errors import RequestFailed
+from olla.metrics import Metrics
+
+access_log = logging.getLogger("olla.access")
+log = logging.getLogger("olla.exchange")
+VIA = f"1.1 olla/{__version__}"
+REQUEST_ID_LIMIT = 128
+
+
+@dataclass
+class Exchange:
+    request_id: str
+    started: float
+    route: str = "other"
+    model: str | None = None  # as the client named it
+    model_id: str | None = None  # the endpoint's id for it: the metrics label
+    endpoint: str | None = None
+    attempts: int = 0
+    status: int = 0
+    bytes_sent: int = 0
+    ttfb: float | None = None
+    routing: dict[str, str] = field(default_factory=dict)
+
+    def elapsed_ms(self, now: float | None = None) -> float:
+        return ((now if now is not None else time.monotonic()) - self.started) * 1000
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if given and len(given) <= REQUEST_ID_LIMIT and given.isprintable():
+        return given
+    return secrets.token_hex(8)
+
+
+def error_response(exc: RequestFailed, exchange: Exchange) -> web.Response:
+    headers = {"X-Olla-Request-Id": exchange.request_id, "Via": VIA}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    for key, value in exchange.routing.items():
+        headers[f"X-Olla-Routing-{key}"] = value
+    return web.Response(
+        status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json", headers=headers
+    )
+
+
+def middleware(metrics: Metrics):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        exchange = Exchange(request_id(request), time.monotonic())
+        request[EXCHANGE] = exchange
+        try:
+            response = await handler(request)
+        except RequestFailed as exc:
+            response = error_response(exc, exchange)
+        except web.HTTPException as exc:  # aiohttp's own 404/405 for paths outside every route
+            failure = RequestFailed(exc.reason)
+            failure.status, failure.code = exc.status, exc.reason.lower().replace(" ", "_")
+            failure.type = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            if exc.status == 404:
+                failure.message = f"{request.method} {request.path} is not served by olla"
+            response = error_response(failure, exchange)
+        except ConnectionResetError:
+            exchange.status = exchange.status or 499  # the client left; nothing more can be sent
+            finish(exchange, request, metrics)
+            raise
+        exchange.status = response.status
+        if not response.prepared:
+            response.headers.setdefault("X-Olla-Request-Id", exchange.request_id)
+            exchange.bytes_sent = exchange.bytes_sent or (response.content_length or 0)
+        finish(exchange, request, metrics)
+        return response
+
+    return exchange_middleware
+
+
+def finish(exchange: Exchange, request: web.Request, metrics: Metrics) -> None:
+    now = time.monotonic()
+    metrics.requests.labels(exchange.endpoint or "", exchange.model_id or "", exchange.route,
+                            str(exchange.status)).inc()  # fmt: skip
+    metrics.duration.labels(exchange.route).observe(now - exchange.started)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "request",
+            extra={
+                "request_id": exchange.request_id, "method": request.method, "path": request.path,
+                "model": exchange.model, "endpoint": exchange.endpoint, "status": exchange.status,
+                "bytes": exchange.bytes_sent, "ms": round(exchange.elapsed_ms(now), 1),
+                "ttfb_ms": round(exchange.ttfb * 1000, 1) if exchange.ttfb is not None else None,
+                "attempts": exchange.attempts,
+            },
+        )  # fmt: skip

@@ -1,0 +1,63 @@
+"""Every Prometheus metric olla exports, with its labels; the only prometheus_client user.
+
+Each app owns its own CollectorRegistry, so several routers can live in one
+process (tests, the demo). Label values come from small fixed sets: endpoint
+names from the config, model ids the endpoints reported, profile route paths,
+status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+from prometheus_async.aio import time as timed
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+T = TypeVar("T")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+HEALTH_STATES = ["unknown", "healthy", "loading", "offline", "unhealthy", "misconfigured"]
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "olla_requests", "Requests answered, by endpoint, model, route and status code",
+            ["endpoint", "model", "route", "code"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "olla_request_duration_seconds", "Time from request receipt to the last byte sent",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "olla_upstream_ttfb_seconds", "Time from request receipt to the endpoint's response headers",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("olla_requests_in_flight", "Requests being proxied", ["endpoint"], registry=r)
+        self.retries = Counter(
+            "olla_retries", "Attempts that failed over to another endpoint, by the failed endpoint and reason",
+            ["endpoint", "reason"], registry=r,
+        )  # fmt: skip
+        self.health = Enum(
+            "olla_endpoint_health", "Endpoint health state", ["endpoint"], states=HEALTH_STATES, registry=r
+        )
+        self.probe_duration = Histogram(
+            "olla_health_check_duration_seconds", "Duration of active health checks",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.slots = Gauge("olla_endpoint_slots", "llama.cpp slots an endpoint reported", ["endpoint"], registry=r)
+
+    def declare(self, endpoints: Iterable[str]) -> None:
+        """Create every endpoint's series up front, so a dashboard sees zeros rather than gaps."""
+        for name in endpoints:
+            self.health.labels(name).state("unknown")
+            self.in_flight.labels(name).set(0)
+
+    def time_probe(self, endpoint: str, probe: Awaitable[T]) -> Awaitable[T]:
+        return timed(self.probe_duration.labels(endpoint), probe)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

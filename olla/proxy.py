@@ -1,0 +1,201 @@
+"""The request path: match an allowed route, resolve the model, run attempts, stream the answer back.
+
+Failover happens only before the response is prepared: once a byte has gone to
+the client an attempt is final. A stream that breaks afterwards ends with an
+SSE `error` event (or a cut connection for non-SSE bodies) so the client knows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from olla.balancer import Balancer
+from olla.config import Config
+from olla.endpoint import Endpoint, Outcome
+from olla.errors import (
+    BodyTooLarge, InvalidJSON, MethodNotAllowed, NoHealthyEndpoint, RouteNotFound, UpstreamBroken,
+    UpstreamError, UpstreamRejected, UpstreamTimeout,
+)  # fmt: skip
+from olla.exchange import EXCHANGE, VIA, Exchange
+from olla.metrics import Metrics
+from olla.profiles import Profile, Route
+from olla.registry import Pool, Registry
+from olla.upstream import Upstream, request_headers, response_headers
+
+READ_CHUNK = 64 * 1024
+
+
+class Proxy:
+    def __init__(
+        self, config: Config, registry: Registry, upstream: Upstream, balancer: Balancer, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.upstream = upstream
+        self.balancer = balancer
+        self.metrics = metrics
+        retry = config.proxy.retry
+        self.max_attempts = (retry.max_attempts or len(registry) or 1) if retry.enabled else 1
+
+    def handler(self, profile: Profile):  # type: ignore[no-untyped-def]
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.handle(request, profile)
+
+        return handle
+
+    async def handle(self, request: web.Request, profile: Profile) -> web.StreamResponse:
+        exchange = request[EXCHANGE]
+        path = "/" + request.match_info["tail"]
+        route = self._route(profile, path, request.method)
+        exchange.route = route.path
+        body = await self._read_body(request)
+        model = self._model(request, profile, route, body)
+        exchange.model = model
+        pool = self.registry.pool(model, profile.name)
+        exchange.model = pool.model
+        exchange.routing = {"Strategy": self.balancer.name, "Decision": "rejected", "Reason": "model_unavailable"}
+        path_qs = path + (f"?{request.query_string}" if request.query_string else "")
+        return await self._attempts(request, exchange, profile, pool, path_qs, body)
+
+    def _route(self, profile: Profile, path: str, method: str) -> Route:
+        route = profile.route(path)
+        if route is None:
+            raise RouteNotFound(f"{path} is not a {profile.name} route olla forwards (see docs/endpoints.md)")
+        if method not in route.methods:
+            allowed = ", ".join(sorted(route.methods))
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
+        return route
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.server.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _model(self, request: web.Request, profile: Profile, route: Route, body: bytes) -> str | None:
+        model = None
+        if body:
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidJSON(f"request body is not valid JSON: {exc}") from exc
+            if route.model_from_body and isinstance(document, dict):
+                value = document.get(profile.model_field)
+                model = value if isinstance(value, str) and value else None
+        return model or request.headers.get(profile.model_header) or None
+
+    async def _attempts(
+        self, request: web.Request, exchange: Exchange, profile: Profile, pool: Pool, path_qs: str, body: bytes
+    ) -> web.StreamResponse:
+        deadline = exchange.started + self.config.proxy.response_timeout
+        tried: list[Endpoint] = []
+        failures: list[UpstreamError] = []
+        while len(tried) < self.max_attempts and (candidates := pool.candidates(exclude=tried)):
+            endpoint = self.balancer.pick(candidates)
+            tried.append(endpoint)
+            exchange.attempts += 1
+            headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
+            self._enter(endpoint)
+            try:
+                upstream = await self.upstream.send(endpoint, request.method, path_qs, headers, body, deadline)
+            except UpstreamError as exc:
+                self._leave(endpoint)
+                outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE
+                self.registry.record_outcome(endpoint, outcome, exc.message)
+                self.metrics.retries.labels(endpoint.name, exc.code).inc()
+                failures.append(exc)
+                if isinstance(exc, UpstreamTimeout) and time.monotonic() >= deadline:
+                    break
+                continue
+            except BaseException:
+                self._leave(endpoint)
+                raise
+            try:
+                return await self._relay(request, exchange, profile, pool, endpoint, upstream, deadline)
+            finally:
+                self._leave(endpoint)
+        if not failures:
+            raise NoHealthyEndpoint(pool.unavailable_reason())
+        exchange.routing["Reason"] = "all_attempts_failed"
+        raise _summary(failures)
+
+    def _enter(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight += 1
+        endpoint.requests += 1
+        self.metrics.in_flight.labels(endpoint.name).inc()
+
+    def _leave(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight -= 1
+        self.metrics.in_flight.labels(endpoint.name).dec()
+
+    async def _relay(
+        self, request: web.Request, exchange: Exchange, profile: Profile, pool: Pool,
+        endpoint: Endpoint, upstream: aiohttp.ClientResponse, deadline: float,
+    ) -> web.StreamResponse:  # fmt: skip
+        now = time.monotonic()
+        exchange.ttfb = now - exchange.started
+        exchange.endpoint = endpoint.name
+        exchange.model_id = endpoint.discovery.models[0] if endpoint.discovery else None
+        exchange.routing["Decision"] = "routed" if exchange.attempts == 1 else "fallback"
+        exchange.routing["Reason"] = "model_found" if exchange.attempts == 1 else f"failover_after_{exchange.attempts - 1}"
+        self.metrics.ttfb.labels(endpoint.name).observe(exchange.ttfb)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(response_headers(upstream.headers))
+        response.headers.update(olla_headers(exchange, profile, endpoint, pool))
+        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        exchange.status = upstream.status
+        await response.prepare(request)
+        try:
+            async with contextlib.aclosing(self.upstream.body(endpoint, upstream, deadline)) as chunks:
+                async for chunk in chunks:
+                    await response.write(chunk)
+                    exchange.bytes_sent += len(chunk)
+        except UpstreamBroken as exc:
+            self.registry.record_outcome(endpoint, Outcome.BROKEN, exc.message)
+            if not is_sse:
+                raise ConnectionResetError(exc.message) from exc
+            event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+            await response.write(event)
+            exchange.bytes_sent += len(event)
+        else:
+            self.registry.record_outcome(endpoint, Outcome.OK)
+        await response.write_eof()
+        return response
+
+
+def olla_headers(exchange: Exchange, profile: Profile, endpoint: Endpoint, pool: Pool) -> Mapping[str, str]:
+    headers = {
+        "X-Olla-Endpoint": endpoint.name,
+        "X-Olla-Backend-Type": profile.name,
+        "X-Olla-Model": pool.model,
+        "X-Olla-Request-Id": exchange.request_id,
+        "X-Olla-Response-Time": f"{round((exchange.ttfb or 0) * 1000)}ms",
+        "Via": VIA,
+    }
+    for key, value in exchange.routing.items():
+        headers[f"X-Olla-Routing-{key}"] = value
+    return headers
+
+
+def _summary(failures: list[UpstreamError]) -> UpstreamError:
+    """One error for a request whose every attempt failed; its status is the last attempt's."""
+    last = failures[-1]
+    if len(failures) == 1:
+        return last
+    summary = type(last)(f"all {len(failures)} attempts failed: " + "; ".join(f.message for f in failures))
+    if isinstance(last, UpstreamRejected):
+        summary = UpstreamRejected(summary.message, last.status, last.upstream_body, last.upstream_headers)
+    return summary

@@ -1,0 +1,123 @@
+"""What the router serves itself: model lists, status, liveness and metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from aiohttp import web
+
+from olla import __version__
+from olla.endpoint import Endpoint
+from olla.metrics import CONTENT_TYPE, Metrics
+from olla.registry import Registry
+
+JSON_HEADERS = {"Cache-Control": "no-store"}
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json", headers=JSON_HEADERS)
+
+
+def safe_url(url: str) -> str:
+    """The endpoint's URL without userinfo or query, which may carry secrets."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class Status:
+    def __init__(self, registry: Registry, metrics: Metrics, backend_type: str = "llamacpp") -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.backend_type = backend_type
+        self.started = time.time()
+        self.started_monotonic = time.monotonic()
+
+    def endpoint_view(self, e: Endpoint) -> dict[str, Any]:
+        d = e.discovery
+        now = time.monotonic()
+        return {
+            "name": e.name,
+            "url": safe_url(e.config.url),
+            "type": e.config.type,
+            "priority": e.config.priority,
+            "status": e.health.value,
+            "detail": e.detail,
+            "last_check_seconds_ago": round(now - e.last_check, 3) if e.last_check is not None else None,
+            "last_check_latency_ms": round(e.last_latency * 1000, 1) if e.last_latency is not None else None,
+            "consecutive_failures": max(e.probe_failures, e.breaker_failures),
+            "models": list(d.models) if d else [],
+            "total_slots": d.total_slots if d else None,
+            "busy_slots": e.busy_slots if d and d.total_slots is not None else None,
+            "n_ctx": d.n_ctx if d else None,
+            "in_flight": e.in_flight,
+            "requests": e.requests,
+            "errors": e.errors,
+        }
+
+    async def openai_models(self, request: web.Request) -> web.Response:
+        created = int(self.started)
+        data = []
+        for model, endpoints in sorted(self.registry.models().items()):
+            if not any(e.routable for e in endpoints):
+                continue
+            aliases = sorted({m for e in endpoints if e.discovery for m in e.discovery.models} - {model})
+            data.append({"id": model, "object": "model", "created": created, "owned_by": self.backend_type,
+                         "aliases": aliases})  # fmt: skip
+        for alias, targets in sorted(self.registry.aliases.items()):
+            if any(entry["id"] in targets for entry in data):
+                data.append({"id": alias, "object": "model", "created": created, "owned_by": "olla"})
+        return _json({"object": "list", "data": data})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"models": self._models()})
+
+    def _models(self) -> list[dict[str, Any]]:
+        out = []
+        for model, endpoints in sorted(self.registry.models().items()):
+            d = endpoints[0].discovery
+            out.append({
+                "id": model,
+                "aliases": sorted({m for e in endpoints if e.discovery for m in e.discovery.models} - {model}),
+                "available": any(e.routable for e in endpoints),
+                "n_ctx_train": d.n_ctx_train if d else None,
+                "size": d.size if d else None,
+                "n_params": d.n_params if d else None,
+                "endpoints": [{"name": e.name, "status": e.health.value, "priority": e.config.priority}
+                              for e in endpoints],
+            })  # fmt: skip
+        return out
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "healthy"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        endpoints = list(self.registry)
+        return _json({
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
+            "endpoints": {"total": len(endpoints), **self.registry.counts()},
+            "models": len(self.registry.models()),
+            "in_flight": sum(e.in_flight for e in endpoints),
+            "requests": sum(e.requests for e in endpoints),
+            "errors": sum(e.errors for e in endpoints),
+        })  # fmt: skip
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        return _json({"endpoints": [self.endpoint_view(e) for e in self.registry]})
+
+    async def status_models(self, request: web.Request) -> web.Response:
+        return _json({"models": self._models()})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        for e in self.registry:
+            self.metrics.health.labels(e.name).state(e.health.value)
+            if e.total_slots is not None:
+                self.metrics.slots.labels(e.name).set(e.total_slots)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

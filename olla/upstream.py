@@ -1,0 +1,170 @@
+"""Every HTTP call to an endpoint; the one place aiohttp's client exceptions become olla.errors.
+
+Timeouts follow llama-server's behaviour: it sends no headers until a
+non-streaming generation has finished (or while a request waits for a slot),
+so waiting for headers is bounded only by the request's total deadline
+(`response_timeout`); `read_timeout` bounds the silence between body chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from olla.config import ProxyConfig
+from olla.endpoint import Endpoint, Health, Probe
+from olla.errors import UpstreamBroken, UpstreamRejected, UpstreamTimeout, UpstreamUnreachable
+
+HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+     "te", "trailer", "transfer-encoding", "upgrade")
+)  # fmt: skip
+# Client credentials are for olla, never for an endpoint; X-Conversation-Id makes
+# llama-server keep generating after the client leaves, holding the slot.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "cookie", "x-conversation-id"}
+REJECTED = frozenset((502, 503, 504))
+REJECTED_BODY_LIMIT = 64 * 1024
+
+
+def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str | None, scheme: str) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    connection_listed = {h.strip().lower() for h in incoming.get("connection", "").split(",")}
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered not in NOT_FORWARDED and lowered not in connection_listed:
+            headers.add(name, value)
+    if peer:
+        prior = incoming.get("x-forwarded-for")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = scheme
+    headers.update(endpoint.config.headers)
+    return headers
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    connection_listed = {h.strip().lower() for h in upstream.get("connection", "").split(",")}
+    return CIMultiDict(
+        (k, v)
+        for k, v in upstream.items()
+        if k.lower() not in HOP_BY_HOP and k.lower() not in connection_listed and not k.lower().startswith("x-olla-")
+    )
+
+
+class Upstream:
+    def __init__(self, session: aiohttp.ClientSession, config: ProxyConfig) -> None:
+        self.session = session
+        self.config = config
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connection_timeout, sock_read=None)
+
+    # --- the request path --------------------------------------------------------
+
+    async def send(
+        self, endpoint: Endpoint, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes, deadline: float
+    ) -> aiohttp.ClientResponse:
+        """Send one attempt and wait for its headers; a 502/503/504 answer raises UpstreamRejected."""
+        url = endpoint.config.url.rstrip("/") + path_qs
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self.session.request(
+                    method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise UpstreamUnreachable(f"endpoint {endpoint.name} is unreachable: {reason}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering: {exc}") from exc
+        if response.status in REJECTED:
+            try:
+                async with asyncio.timeout(self.config.connection_timeout):
+                    content = await response.content.read(REJECTED_BODY_LIMIT)
+            except (TimeoutError, aiohttp.ClientError):
+                content = b""
+            finally:
+                response.close()
+            raise UpstreamRejected(
+                f"endpoint {endpoint.name} answered {response.status}: {_error_message(content)}",
+                response.status, content, dict(response.headers),
+            )  # fmt: skip
+        return response
+
+    async def body(self, endpoint: Endpoint, response: aiohttp.ClientResponse, deadline: float) -> AsyncIterator[bytes]:
+        """The response body chunk by chunk, as it arrives; a break or silence raises UpstreamBroken."""
+        read_timeout = self.config.read_timeout
+        content = response.content
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                silence = min(read_timeout, remaining)
+                try:
+                    async with asyncio.timeout(silence):
+                        chunk = await content.readany()
+                except TimeoutError as exc:
+                    which = "response_timeout" if remaining <= read_timeout else "read_timeout"
+                    raise UpstreamBroken(f"endpoint {endpoint.name} went silent ({which} {silence:g}s)") from exc
+                if not chunk:
+                    return
+                yield chunk
+        except aiohttp.ClientError as exc:
+            raise UpstreamBroken(f"endpoint {endpoint.name} broke the response off: {exc or type(exc).__name__}") from exc
+        finally:
+            response.close()
+
+    # --- probes and discovery ----------------------------------------------------
+
+    async def probe(self, endpoint: Endpoint, url: str) -> Probe:
+        started = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=endpoint.config.check_timeout)
+        try:
+            async with self.session.get(url, headers=endpoint.config.headers, timeout=timeout) as response:
+                content = await response.read()
+        except TimeoutError:
+            return Probe(Health.OFFLINE, time.monotonic() - started, f"no answer in {endpoint.config.check_timeout:g}s")
+        except aiohttp.ClientConnectorError as exc:
+            return Probe(Health.OFFLINE, time.monotonic() - started, exc.os_error.strerror or str(exc.os_error))
+        except aiohttp.ClientError as exc:
+            return Probe(Health.OFFLINE, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+        latency = time.monotonic() - started
+        status = response.status
+        if status == 200:
+            return Probe(Health.HEALTHY, latency)
+        message = _error_message(content)
+        if status == 503 and "loading" in message.lower():
+            return Probe(Health.LOADING, latency, message)
+        if status in (401, 403):
+            return Probe(Health.MISCONFIGURED, latency, f"{status}: {message} (check the endpoint's headers)")
+        return Probe(Health.UNHEALTHY, latency, f"{status}: {message}")
+
+    async def get_json(self, endpoint: Endpoint, url: str, timeout: float) -> tuple[int, Any]:
+        """GET a JSON document; (status, parsed body or None). Network failures raise UpstreamError."""
+        try:
+            async with self.session.get(
+                url, headers=endpoint.config.headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                content = await response.read()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"endpoint {endpoint.name}: {url} did not answer in {timeout:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"endpoint {endpoint.name}: {url}: {exc}") from exc
+        try:
+            return response.status, orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return response.status, None
+
+
+def _error_message(content: bytes) -> str:
+    """llama-server's `{"error":{"message":...}}`, or the start of whatever else it sent."""
+    try:
+        message = orjson.loads(content)["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        pass
+    return content[:200].decode("utf-8", "replace").strip() or "(empty body)"

@@ -1,0 +1,179 @@
+"""Pure routing logic: endpoint transitions, model resolution, pools and balancers. No I/O, no sleeps."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from olla.balancer import BALANCERS, LeastConnections, Priority, RoundRobin
+from olla.config import EndpointConfig
+from olla.endpoint import Discovery, Endpoint, Health, Outcome, Probe
+from olla.errors import ModelNotFound, ModelRequired, NoHealthyEndpoint
+from olla.registry import Registry
+
+
+def cfg(name: str, priority: int = 100, interval: float = 5.0, kind: str = "llamacpp") -> EndpointConfig:
+    return EndpointConfig(name=name, url=f"http://{name}:8080", priority=priority, check_interval=interval,
+                          check_timeout=1.0, type=kind)  # fmt: skip
+
+
+def healthy(registry: Registry, name: str, *models: str) -> Endpoint:
+    endpoint = registry.endpoints[name]
+    registry.record_probe(endpoint, Probe(Health.HEALTHY, 0.001), now=1.0)
+    registry.record_discovery(endpoint, Discovery(models=models, total_slots=2), now=1.0)
+    return endpoint
+
+
+# --- endpoint state ---------------------------------------------------------------
+
+
+def test_probe_results_set_health_and_report_recovery() -> None:
+    e = Endpoint(cfg("a"))
+    assert not e.routable and e.health is Health.UNKNOWN
+    assert e.record_probe(Probe(Health.LOADING, 0.01, "Loading model"), now=1) is False
+    assert not e.routable
+    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=2) is True  # recovery
+    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=3) is False  # still healthy: no new recovery
+    assert e.routable
+
+
+def test_loading_is_rechecked_sooner_and_offline_backs_off_to_a_cap() -> None:
+    e = Endpoint(cfg("a", interval=5.0))
+    e.record_probe(Probe(Health.LOADING, 0.01), now=0)
+    assert e.next_probe_in() == 1.0
+    delays = []
+    for i in range(8):
+        e.record_probe(Probe(Health.OFFLINE, 0.01, "refused"), now=i)
+        delays.append(e.next_probe_in())
+    assert delays[0] == 5.0
+    assert delays == sorted(delays) and delays[1] > delays[0]
+    assert delays[-1] == 30.0
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=9)
+    assert e.next_probe_in() == 5.0
+
+
+def test_breaker_ejects_at_once_and_only_a_good_probe_brings_it_back() -> None:
+    e = Endpoint(cfg("a"))
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
+    assert e.record_outcome(Outcome.OK) is False and e.routable
+    assert e.record_outcome(Outcome.REJECTED, "answered 503") is True
+    assert e.health is Health.UNHEALTHY and "503" in e.detail
+    assert e.record_outcome(Outcome.UNREACHABLE) is False  # already out
+    assert e.errors == 2
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=1)
+    assert e.routable and e.breaker_failures == 0
+
+
+def test_unreachable_attempt_marks_offline() -> None:
+    e = Endpoint(cfg("a"))
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
+    e.record_outcome(Outcome.UNREACHABLE, "connection refused")
+    assert e.health is Health.OFFLINE
+
+
+def test_url_for_joins_paths_and_keeps_absolute_urls() -> None:
+    e = Endpoint(EndpointConfig(name="a", url="http://h:1/base/"))
+    assert e.url_for(None, "/health") == "http://h:1/base/health"
+    assert e.url_for("/v1/health", "/health") == "http://h:1/base/v1/health"
+    assert e.url_for("https://other/x", "/health") == "https://other/x"
+
+
+# --- registry and pools -----------------------------------------------------------
+
+
+def test_a_model_file_name_matches_a_path_id_and_aliases_match() -> None:
+    registry = Registry([cfg("a"), cfg("b")], {"chat": ["/models/llama-8b.gguf"]})
+    healthy(registry, "a", "/models/llama-8b.gguf")
+    healthy(registry, "b", "coder", "coder-alias")
+    assert [e.name for e in registry.pool("llama-8b.gguf").members] == ["a"]
+    assert [e.name for e in registry.pool("/models/llama-8b.gguf").members] == ["a"]
+    assert [e.name for e in registry.pool("chat").members] == ["a"]
+    assert [e.name for e in registry.pool("coder-alias").members] == ["b"]
+    with pytest.raises(ModelNotFound, match="Model not found: missing"):
+        registry.pool("missing")
+
+
+def test_no_model_means_the_only_model_or_a_400_listing_them() -> None:
+    registry = Registry([cfg("a"), cfg("b")])
+    healthy(registry, "a", "m1")
+    healthy(registry, "b", "m1")
+    assert registry.pool(None).model == "m1"
+    healthy(registry, "b", "m2")
+    with pytest.raises(ModelRequired, match="m1, m2"):
+        registry.pool(None)
+
+
+def test_an_undiscovered_endpoint_makes_an_unknown_model_a_503_not_a_404() -> None:
+    registry = Registry([cfg("a"), cfg("b")])
+    healthy(registry, "a", "m1")
+    with pytest.raises(NoHealthyEndpoint, match="not yet discovered: b"):
+        registry.pool("m2")
+
+
+def test_candidates_are_the_best_routable_tier_and_fall_to_the_next() -> None:
+    registry = Registry([cfg("hi1", 100), cfg("hi2", 100), cfg("lo", 50)])
+    for name in ("hi1", "hi2", "lo"):
+        healthy(registry, name, "m")
+    pool = registry.pool("m")
+    assert [e.name for e in pool.candidates()] == ["hi1", "hi2"]
+    assert [e.name for e in pool.candidates(exclude=[registry.endpoints["hi1"]])] == ["hi2"]
+    registry.record_outcome(registry.endpoints["hi1"], Outcome.UNREACHABLE)
+    registry.record_outcome(registry.endpoints["hi2"], Outcome.REJECTED)
+    assert [e.name for e in pool.candidates()] == ["lo"]
+    registry.record_outcome(registry.endpoints["lo"], Outcome.UNREACHABLE)
+    assert pool.candidates() == []
+    assert "hi1=offline" in pool.unavailable_reason() and "hi2=unhealthy" in pool.unavailable_reason()
+
+
+def test_pools_only_hold_endpoints_of_the_requested_profile() -> None:
+    registry = Registry([cfg("a"), cfg("b", kind="other")])
+    healthy(registry, "a", "m")
+    healthy(registry, "b", "m")
+    assert [e.name for e in registry.pool("m", "llamacpp").members] == ["a"]
+
+
+# --- balancers --------------------------------------------------------------------
+
+
+def endpoints(n: int) -> list[Endpoint]:
+    return [Endpoint(cfg(f"e{i}")) for i in range(n)]
+
+
+def test_round_robin_takes_turns() -> None:
+    es = endpoints(3)
+    rr = RoundRobin()
+    assert [rr.pick(es).name for _ in range(6)] == ["e0", "e1", "e2", "e0", "e1", "e2"]
+
+
+def test_rotation_stays_fair_per_pool_when_pools_interleave() -> None:
+    pool_a, pool_b = endpoints(2), [Endpoint(cfg("solo"))]
+    for balancer in (RoundRobin(), LeastConnections()):
+        picks = []
+        for _ in range(6):
+            picks.append(balancer.pick(pool_a).name)
+            balancer.pick(pool_b)
+        assert picks == ["e0", "e1"] * 3, balancer.name
+
+
+def test_least_connections_picks_the_idlest_and_rotates_ties() -> None:
+    es = endpoints(3)
+    lc = LeastConnections()
+    es[0].in_flight, es[1].in_flight, es[2].in_flight = 2, 0, 1
+    assert lc.pick(es).name == "e1"
+    es[1].in_flight = 1
+    assert {lc.pick(es).name for _ in range(4)} == {"e1", "e2"}
+
+
+def test_priority_spreads_randomly_inside_the_tier() -> None:
+    es = endpoints(2)
+    balancer = Priority(random.Random(7))
+    counts = Counter(balancer.pick(es).name for _ in range(1000))
+    assert 400 < counts["e0"] < 600
+
+
+def test_balancers_are_chosen_by_their_config_names() -> None:
+    assert set(BALANCERS) >= {"priority", "round-robin", "least-connections"}
+    for name, factory in BALANCERS.items():
+        assert factory().name == name
