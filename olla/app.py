@@ -17,7 +17,7 @@ from olla.metrics import Metrics
 from olla.proxy import Proxy
 from olla.registry import Registry
 from olla.status import Status
-from olla.upstream import Upstream
+from olla.upstream import KEEPALIVE, Upstream
 
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", Registry)
@@ -63,7 +63,7 @@ def _proxied(app: web.Application, profile):  # type: ignore[no-untyped-def]
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=KEEPALIVE)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
         upstream = Upstream(session, config.proxy)
         app[UPSTREAM] = upstream

@@ -55,13 +55,15 @@ class Proxy:
         route = self._route(profile, path, request.method)
         exchange.route = route.path
         body = await self._read_body(request)
-        model = self._model(request, profile, route, body)
+        document = self._document(body)
+        model = self._model(request, profile, route, document)
         exchange.model = model
         pool = self.registry.pool(model, profile.name)
         exchange.model = pool.model
         exchange.routing = {"Strategy": self.balancer.name, "Decision": "rejected", "Reason": "model_unavailable"}
         path_qs = path + (f"?{request.query_string}" if request.query_string else "")
-        return await self._attempts(request, exchange, profile, pool, path_qs, body)
+        streaming = isinstance(document, dict) and document.get("stream") is True
+        return await self._attempts(request, exchange, profile, pool, path_qs, body, streaming)
 
     def _route(self, profile: Profile, path: str, method: str) -> Route:
         route = profile.route(path)
@@ -85,20 +87,24 @@ class Proxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _model(self, request: web.Request, profile: Profile, route: Route, body: bytes) -> str | None:
+    @staticmethod
+    def _document(body: bytes) -> object:
+        if not body:
+            return None
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSON(f"request body is not valid JSON: {exc}") from exc
+
+    def _model(self, request: web.Request, profile: Profile, route: Route, document: object) -> str | None:
         model = None
-        if body:
-            try:
-                document = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidJSON(f"request body is not valid JSON: {exc}") from exc
-            if route.model_from_body and isinstance(document, dict):
-                value = document.get(profile.model_field)
-                model = value if isinstance(value, str) and value else None
+        if route.model_from_body and isinstance(document, dict):
+            value = document.get(profile.model_field)
+            model = value if isinstance(value, str) and value else None
         return model or request.headers.get(profile.model_header) or None
 
     async def _attempts(
-        self, request: web.Request, exchange: Exchange, profile: Profile, pool: Pool, path_qs: str, body: bytes
+        self, request: web.Request, exchange: Exchange, profile: Profile, pool: Pool, path_qs: str, body: bytes, streaming: bool
     ) -> web.StreamResponse:
         deadline = exchange.started + self.config.proxy.response_timeout
         tried: list[Endpoint] = []
@@ -110,7 +116,7 @@ class Proxy:
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
             self._enter(endpoint)
             try:
-                upstream = await self.upstream.send(endpoint, request.method, path_qs, headers, body, deadline)
+                upstream = await self.upstream.send(endpoint, request.method, path_qs, headers, body, deadline, streaming)
             except UpstreamError as exc:
                 self._leave(endpoint)
                 outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE

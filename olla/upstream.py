@@ -4,6 +4,14 @@ Timeouts follow llama-server's behaviour: it sends no headers until a
 non-streaming generation has finished (or while a request waits for a slot),
 so waiting for headers is bounded only by the request's total deadline
 (`response_timeout`); `read_timeout` bounds the silence between body chunks.
+
+Connections: llama-server keeps a connection alive after a plain response but
+closes it after a chunked (streamed) one, and drops idle ones after 5 seconds.
+aiohttp pools a connection the moment a payload ends, often before any of our
+code runs, so a request that asks to stream is sent with `Connection: close`;
+pooled connections idle at most KEEPALIVE seconds; and a request that meets a
+pooled connection the endpoint already closed is sent again once on a fresh
+one (it never reached the endpoint).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "cookie", "x-conversation-id"}
 REJECTED = frozenset((502, 503, 504))
 REJECTED_BODY_LIMIT = 64 * 1024
+KEEPALIVE = 4.0  # below llama-server's 5 s keep-alive timeout
 
 
 def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str | None, scheme: str) -> CIMultiDict[str]:
@@ -65,22 +74,31 @@ class Upstream:
     # --- the request path --------------------------------------------------------
 
     async def send(
-        self, endpoint: Endpoint, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes, deadline: float
+        self, endpoint: Endpoint, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes, deadline: float,
+        streaming: bool = False,
     ) -> aiohttp.ClientResponse:
         """Send one attempt and wait for its headers; a 502/503/504 answer raises UpstreamRejected."""
         url = endpoint.config.url.rstrip("/") + path_qs
-        try:
-            async with asyncio.timeout_at(deadline):
-                response = await self.session.request(
-                    method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
-                )
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or str(exc.os_error)
-            raise UpstreamUnreachable(f"endpoint {endpoint.name} is unreachable: {reason}") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering: {exc}") from exc
+        if streaming:
+            headers["Connection"] = "close"
+        for fresh in (False, True):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await self.session.request(
+                        method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
+                    )
+                break
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
+            except aiohttp.ClientConnectorError as exc:
+                reason = exc.os_error.strerror or str(exc.os_error)
+                raise UpstreamUnreachable(f"endpoint {endpoint.name} is unreachable: {reason}") from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not fresh:
+                    continue  # a pooled connection the endpoint had closed: once more on a new one
+                raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering: {exc}") from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamUnreachable(f"endpoint {endpoint.name} failed before answering: {exc}") from exc
         if response.status in REJECTED:
             try:
                 async with asyncio.timeout(self.config.connection_timeout):
@@ -99,6 +117,7 @@ class Upstream:
         """The response body chunk by chunk, as it arrives; a break or silence raises UpstreamBroken."""
         read_timeout = self.config.read_timeout
         content = response.content
+        complete = False
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -110,12 +129,16 @@ class Upstream:
                     which = "response_timeout" if remaining <= read_timeout else "read_timeout"
                     raise UpstreamBroken(f"endpoint {endpoint.name} went silent ({which} {silence:g}s)") from exc
                 if not chunk:
+                    complete = True
                     return
                 yield chunk
         except aiohttp.ClientError as exc:
             raise UpstreamBroken(f"endpoint {endpoint.name} broke the response off: {exc or type(exc).__name__}") from exc
         finally:
-            response.close()
+            if complete:
+                response.release()
+            else:
+                response.close()
 
     # --- probes and discovery ----------------------------------------------------
 

@@ -75,7 +75,10 @@ async def _sdk_calls(sdk: openai.AsyncOpenAI) -> None:
 
     stream = await sdk.chat.completions.create(model=CHAT, messages=messages, max_tokens=8, stream=True)
     chunks = [chunk async for chunk in stream]
-    assert chunks[0].choices[0].delta.role == "assistant"
+    # The role-only first chunk is usually there, but llama-server skips it now and then when the
+    # tiny model's first token is an incomplete UTF-8 sequence; the framing is what the router owns.
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert {c.choices[0].delta.role for c in chunks if c.choices} <= {"assistant", None}
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
 
     completion = await sdk.completions.create(model=CODE, prompt="def add(a, b):", max_tokens=6)
@@ -174,3 +177,17 @@ async def test_streamed_tokens_reach_the_client_as_they_are_produced(fleet: Flee
                 arrivals.append(loop.time())
     assert len(arrivals) > 10, "the stream arrived in a handful of chunks: it was buffered"
     assert arrivals[-1] - arrivals[0] > 0.01
+
+
+async def test_connection_reuse_survives_llama_server_closing_after_streams(fleet: Fleet) -> None:
+    """llama-server closes a connection after a streamed reply; the next request must not see it as a failure."""
+    decisions = []
+    for i in range(30):
+        body = {"model": CODE, "prompt": "x", "max_tokens": 2, "stream": i % 2 == 0}
+        r = await fleet.client.post("/olla/llamacpp/v1/completions", json=body)
+        await r.read()
+        assert r.status == 200
+        decisions.append(r.headers["X-Olla-Routing-Decision"])
+    code = fleet.client.app[REGISTRY].endpoints["code-a"]
+    assert decisions == ["routed"] * 30
+    assert code.errors == 0 and code.routable

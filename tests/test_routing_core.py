@@ -177,3 +177,9 @@ def test_balancers_are_chosen_by_their_config_names() -> None:
     assert set(BALANCERS) >= {"priority", "round-robin", "least-connections"}
     for name, factory in BALANCERS.items():
         assert factory().name == name
+
+
+def test_every_balancer_name_the_config_accepts_exists() -> None:
+    from olla.config import BALANCERS as CONFIG_NAMES
+
+    assert set(CONFIG_NAMES) == set(BALANCERS)

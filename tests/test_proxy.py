@@ -1,0 +1,368 @@
+"""The router against emulated llama.cpp servers: tiers, balancers, failover, errors, streaming, status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from olla.app import REGISTRY, create_app
+from olla.sim import SimConfig, SimServer
+from tests.routerkit import router_config, wait_until
+
+CHAT = "chat-model"
+StartSims = Callable[..., Awaitable[list[SimServer]]]
+MakeRouter = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[StartSims]:
+    started: list[SimServer] = []
+
+    async def start(*configs: SimConfig) -> list[SimServer]:
+        servers = [SimServer(c) for c in configs]
+        for s in servers:
+            await s.start(host="127.0.0.1", port=0)
+            started.append(s)
+        return servers
+
+    yield start
+    for s in started:
+        await s.stop()
+
+
+@pytest.fixture
+def make_router(aiohttp_client) -> MakeRouter:  # type: ignore[no-untyped-def]
+    async def make(endpoints: list[dict[str, Any]], ready: int | None = None, **sections: Any) -> TestClient:
+        client = await aiohttp_client(create_app(router_config(endpoints, **sections)))
+        registry = client.app[REGISTRY]
+        want = len(endpoints) if ready is None else ready
+        await wait_until(registry, lambda: sum(e.routable and e.discovery is not None for e in registry) >= want)
+        return client
+
+    return make
+
+
+def ep(name: str, sim: SimServer, priority: int = 100) -> dict[str, Any]:
+    return {"name": name, "url": sim.url, "priority": priority}
+
+
+def chat(model: str = CHAT, tokens: int = 3, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, **extra}
+
+
+async def post(client: TestClient, body: Any, path: str = "/olla/llamacpp/v1/chat/completions",
+               **kw: Any) -> aiohttp.ClientResponse:  # fmt: skip
+    response = await client.post(path, json=body, **kw)
+    await response.read()
+    return response
+
+
+def fast(model: str = CHAT, **kw: Any) -> SimConfig:
+    return SimConfig(model=model, **{"slots": 2, "prefill_ms": 0.0, "decode_ms": 1.0, **kw})
+
+
+# --- tiers and balancers ----------------------------------------------------------
+
+
+async def test_the_best_priority_tier_takes_every_request_then_spills_when_down(sims, make_router) -> None:
+    hi, lo = await sims(fast(), fast())
+    client = await make_router([ep("hi", hi, 100), ep("lo", lo, 50)])
+    served = [(await post(client, chat())).headers["X-Olla-Endpoint"] for _ in range(4)]
+    assert served == ["hi"] * 4
+    hi.set_fault("crash")
+    r = await post(client, chat())
+    assert r.status == 200 and r.headers["X-Olla-Endpoint"] == "lo"
+    assert r.headers["X-Olla-Routing-Decision"] == "fallback"
+    assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "lo"
+
+
+async def test_round_robin_alternates_inside_the_tier(sims, make_router) -> None:
+    a, b, c = await sims(fast(), fast(), fast())
+    client = await make_router([ep("a", a), ep("b", b), ep("c", c, 10)], proxy={"load_balancer": "round-robin"})
+    served = [(await post(client, chat())).headers["X-Olla-Endpoint"] for _ in range(6)]
+    assert served == ["a", "b"] * 3
+
+
+async def test_least_connections_sends_concurrent_requests_to_the_idlest(sims, make_router) -> None:
+    a, b = await sims(fast(decode_ms=20.0, slots=4), fast(decode_ms=20.0, slots=4))
+    client = await make_router([ep("a", a), ep("b", b)], proxy={"load_balancer": "least-connections"})
+    responses = await asyncio.gather(*(post(client, chat(tokens=10)) for _ in range(8)))
+    assert Counter(r.headers["X-Olla-Endpoint"] for r in responses) == {"a": 4, "b": 4}
+
+
+async def test_priority_balancer_spreads_over_the_top_tier_only(sims, make_router) -> None:
+    a, b, c = await sims(fast(), fast(), fast())
+    client = await make_router([ep("a", a), ep("b", b), ep("c", c, 1)], proxy={"load_balancer": "priority"})
+    served = Counter([(await post(client, chat())).headers["X-Olla-Endpoint"] for _ in range(40)])
+    assert set(served) == {"a", "b"} and min(served.values()) >= 5
+
+
+# --- failover -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "params", "state"),
+    [
+        ("refuse", {}, "offline"),
+        ("crash", {}, "offline"),
+        ("status", {"status": 502}, "unhealthy"),
+        ("status", {"status": 503}, "unhealthy"),
+        ("status", {"status": 504}, "unhealthy"),
+        ("loading", {}, "unhealthy"),
+    ],
+)
+async def test_failures_before_headers_fail_over_and_eject(sims, make_router, fault, params, state) -> None:
+    a, b = await sims(fast(), fast())
+    client = await make_router([ep("a", a), ep("b", b)], proxy={"load_balancer": "round-robin"})
+    a.set_fault(fault, **params)
+    for _ in range(3):
+        r = await post(client, chat())
+        assert r.status == 200 and r.headers["X-Olla-Endpoint"] == "b"
+    endpoints = await (await client.get("/internal/status/endpoints")).json()
+    a_view = next(e for e in endpoints["endpoints"] if e["name"] == "a")
+    assert a_view["status"] in (state, "offline", "loading")
+    assert a_view["errors"] >= 1
+    metrics = await (await client.get("/metrics")).text()
+    assert 'olla_retries_total{endpoint="a"' in metrics
+
+
+async def test_a_500_or_400_is_the_requests_own_error_and_passes_through(sims, make_router) -> None:
+    (a,) = await sims(fast())
+    client = await make_router([ep("a", a)])
+    a.set_fault("status", status=500, message="boom")
+    r = await post(client, chat())
+    assert r.status == 500 and (await r.json())["error"]["message"] == "boom"
+    a.clear_faults()
+    too_long = {"model": CHAT, "prompt": "x" * 5000, "max_tokens": 1}
+    r = await post(client, too_long, "/olla/llamacpp/v1/completions")
+    assert r.status == 400 and (await r.json())["error"]["type"] == "exceed_context_size_error"
+    assert client.app[REGISTRY].endpoints["a"].routable
+
+
+async def test_breaker_ejection_ends_with_the_next_good_probe(sims, make_router) -> None:
+    (a,) = await sims(fast())
+    client = await make_router([ep("a", a)])
+    registry = client.app[REGISTRY]
+    a.set_fault("status", status=503)
+    r = await post(client, chat())
+    assert r.status == 503 and (await r.json())["error"]["code"] == "upstream_error"
+    assert not registry.endpoints["a"].routable
+    r = await post(client, chat())
+    assert r.status == 503 and (await r.json())["error"]["code"] == "no_healthy_endpoint"
+    assert r.headers["Retry-After"]
+    a.clear_faults()
+    await wait_until(registry, lambda: registry.endpoints["a"].routable, timeout=5)
+    assert (await post(client, chat())).status == 200
+
+
+async def test_a_loading_endpoint_is_not_routed_until_it_has_loaded(sims, make_router) -> None:
+    ready, loading = await sims(fast(), fast(load_seconds=1.0))
+    client = await make_router([ep("ready", ready, 10), ep("loading", loading, 100)], ready=1)
+    registry = client.app[REGISTRY]
+    assert registry.endpoints["loading"].health.value == "loading"
+    assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "ready"
+    loaded = registry.endpoints["loading"]
+    await wait_until(registry, lambda: loaded.routable and loaded.discovery is not None, timeout=5)
+    assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "loading"
+
+
+async def test_every_endpoint_down_answers_503_at_once(sims, make_router) -> None:
+    a, b = await sims(fast(), fast())
+    client = await make_router([ep("a", a), ep("b", b)])
+    a.set_fault("crash")
+    b.set_fault("crash")
+    started = time.monotonic()
+    r = await post(client, chat())
+    assert r.status == 502 and (await r.json())["error"]["code"] == "backend_unreachable"
+    assert "all 2 attempts failed" in (await r.json())["error"]["message"]
+    r = await post(client, chat())
+    assert r.status == 503 and r.headers["Retry-After"]
+    assert time.monotonic() - started < 2.0
+
+
+async def test_a_stream_cut_midway_ends_with_an_sse_error_event(sims, make_router) -> None:
+    (a,) = await sims(fast(decode_ms=5.0))
+    client = await make_router([ep("a", a)])
+    a.set_fault("cut_stream", after=3)
+    r = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=20, stream=True))
+    assert r.status == 200
+    events = [e for e in (await r.text()).split("\n\n") if e]
+    assert len(events) >= 2
+    last = orjson.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "upstream_stream_broken"
+    assert "[DONE]" not in events[-1]
+
+
+async def test_silence_longer_than_read_timeout_closes_the_stream_and_frees_the_slot(sims, make_router) -> None:
+    (a,) = await sims(fast(decode_ms=5.0))
+    client = await make_router([ep("a", a)], proxy={"read_timeout": "300ms"})
+    a.set_fault("hang_stream", after=2)
+    r = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=20, stream=True))
+    text = await r.text()
+    assert "read_timeout" in text and "upstream_stream_broken" in text
+    await _until(lambda: a.busy_slots == 0, 1.0)
+
+
+# --- models, errors, limits -----------------------------------------------------------
+
+
+async def test_models_and_aliases_route_to_their_endpoints(sims, make_router) -> None:
+    chat_sim, code_sim = await sims(fast(CHAT), fast("/models/coder-q4.gguf"))
+    client = await make_router([ep("chat", chat_sim), ep("code", code_sim)], model_aliases={"assistant": [CHAT]})
+    assert (await post(client, chat("assistant"))).headers["X-Olla-Endpoint"] == "chat"
+    r = await post(client, {"model": "coder-q4.gguf", "prompt": "x", "max_tokens": 1}, "/olla/llamacpp/v1/completions")
+    assert r.headers["X-Olla-Endpoint"] == "code" and r.headers["X-Olla-Model"] == "coder-q4.gguf"
+    r = await post(client, {"content": "abc"}, "/olla/llamacpp/tokenize", headers={"X-Olla-Model": CHAT})
+    assert r.headers["X-Olla-Endpoint"] == "chat"
+    listed = await (await client.get("/olla/llamacpp/v1/models")).json()
+    assert {m["id"] for m in listed["data"]} == {CHAT, "/models/coder-q4.gguf", "assistant"}
+
+
+async def test_router_errors_are_openai_shaped_with_a_request_id(sims, make_router) -> None:
+    a, b = await sims(fast(CHAT), fast("other"))
+    client = await make_router([ep("a", a), ep("b", b)], server={"request_limits": {"max_body_size": 1024}})
+    cases = [
+        (await client.get("/olla/llamacpp/slots"), 404, "not_found"),
+        (await client.get("/olla/llamacpp/v1/chat/completions"), 405, "method_not_allowed"),
+        (await client.post("/olla/llamacpp/v1/chat/completions", data=b"{nope"), 400, "invalid_json"),
+        (await client.post("/olla/llamacpp/tokenize", json={"content": "x"}), 400, "model_required"),
+        (await client.post("/olla/llamacpp/v1/chat/completions", json=chat("ghost")), 404, "model_not_found"),
+        (await client.post("/olla/llamacpp/v1/chat/completions", data=b"x" * 2048), 413, "request_too_large"),
+        (await client.get("/nowhere"), 404, "not_found"),
+    ]
+    for response, status, code in cases:
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (status, code), body
+        assert set(body["error"]) == {"message", "type", "code"} and body["error"]["message"]
+        assert response.headers["X-Olla-Request-Id"]
+    assert "ghost" in (await cases[4][0].json())["error"]["message"]
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_while_reading(sims, make_router) -> None:
+    (a,) = await sims(fast())
+    client = await make_router([ep("a", a)], server={"request_limits": {"max_body_size": 1024}})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 512
+
+    r = await client.post("/olla/llamacpp/v1/chat/completions", data=chunks())
+    assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+
+
+# --- streaming and disconnects ----------------------------------------------------
+
+
+async def test_streamed_tokens_reach_the_client_as_they_are_produced(sims, make_router) -> None:
+    (a,) = await sims(fast(decode_ms=40.0))
+    client = await make_router([ep("a", a)])
+    loop = asyncio.get_running_loop()
+    arrivals: list[float] = []
+    r = await client.post("/olla/llamacpp/completion", json={"prompt": "x", "n_predict": 8, "stream": True})
+    async for line in r.content:
+        if line.startswith(b"data: "):
+            arrivals.append(loop.time())
+    assert len(arrivals) == 8 + 1  # eight tokens and the final stop event
+    # The first token arrives long before the last one is produced: nothing is buffered.
+    assert arrivals[-1] - arrivals[0] > 0.5 * 7 * 0.040
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:-1])]
+    assert sum(g > 0.010 for g in gaps) >= 5
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not met in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+async def test_a_client_leaving_mid_stream_frees_the_slot_at_once(sims, make_router) -> None:
+    (a,) = await sims(fast(decode_ms=20.0))
+    client = await make_router([ep("a", a)])
+    r = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=200, stream=True))
+    await r.content.readline()
+    assert a.busy_slots == 1
+    r.close()
+    assert await _until(lambda: a.busy_slots == 0, 1.0) < 0.1
+
+
+async def test_a_client_leaving_a_non_streaming_generation_frees_the_slot(sims, make_router) -> None:
+    (a,) = await sims(fast(decode_ms=20.0))
+    client = await make_router([ep("a", a)])
+    task = asyncio.create_task(client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=200)))
+    await _until(lambda: a.busy_slots == 1, 2.0)
+    task.cancel()
+    assert await _until(lambda: a.busy_slots == 0, 1.0) < 0.1
+
+
+# --- what reaches the endpoint ----------------------------------------------------------
+
+
+async def test_forwarded_headers_drop_hop_by_hop_and_client_credentials(aiohttp_server, make_router) -> None:
+    seen: dict[str, str] = {}
+
+    async def tokenize(request: web.Request) -> web.Response:
+        seen.update(request.headers)
+        seen["body"] = (await request.read()).decode()
+        seen["query"] = request.query_string
+        return web.json_response({"tokens": [1]}, headers={"Connection": "keep-alive", "X-Olla-Endpoint": "spoof"})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": CHAT}]})
+
+    fake = web.Application()
+    fake.router.add_get("/health", health)
+    fake.router.add_get("/v1/models", models)
+    fake.router.add_post("/tokenize", tokenize)
+    server = await aiohttp_server(fake)
+    client = await make_router([{"name": "fake", "url": str(server.make_url("/")).rstrip("/"),
+                                 "headers": {"Authorization": "Bearer backend-key"}}])  # fmt: skip
+    raw = b'{"content":  "keep   my spacing", "model": "chat-model"}'
+    r = await client.post("/olla/llamacpp/tokenize?with_pieces=true", data=raw, headers={
+        "Authorization": "Bearer client-secret", "X-Api-Key": "client-key", "Cookie": "c=1",
+        "X-Conversation-Id": "conv", "Keep-Alive": "timeout=5", "X-Custom": "kept",
+        "Content-Type": "application/json", "X-Request-Id": "req-42",
+    })  # fmt: skip
+    assert r.status == 200
+    assert seen["body"] == raw.decode() and seen["query"] == "with_pieces=true"
+    assert seen["Authorization"] == "Bearer backend-key"
+    assert "X-Api-Key" not in seen and "Cookie" not in seen and "X-Conversation-Id" not in seen
+    assert "Keep-Alive" not in seen and seen["X-Custom"] == "kept"
+    assert seen["X-Forwarded-For"] == "127.0.0.1" and seen["X-Forwarded-Proto"] == "http"
+    assert r.headers["X-Olla-Endpoint"] == "fake" and r.headers["X-Olla-Request-Id"] == "req-42"
+
+
+# --- status and metrics -------------------------------------------------------------
+
+
+async def test_status_and_metrics_describe_the_fleet(sims, make_router) -> None:
+    a, b = await sims(fast(slots=4), fast("other", slots=2))
+    client = await make_router([ep("a", a), ep("b", b, 50)])
+    assert (await post(client, chat())).status == 200
+    status = await (await client.get("/internal/status")).json()
+    assert status["endpoints"]["total"] == 2 and status["endpoints"]["healthy"] == 2
+    assert status["requests"] == 1 and status["models"] == 2
+    views = {e["name"]: e for e in (await (await client.get("/internal/status/endpoints")).json())["endpoints"]}
+    assert views["a"]["total_slots"] == 4 and views["a"]["models"] == [CHAT] and views["a"]["status"] == "healthy"
+    assert views["b"]["priority"] == 50 and views["a"]["url"].startswith("http://127.0.0.1:")
+    models = await (await client.get("/olla/models")).json()
+    assert {m["id"]: [e["name"] for e in m["endpoints"]] for m in models["models"]} == {CHAT: ["a"], "other": ["b"]}
+    assert (await (await client.get("/internal/health")).json()) == {"status": "healthy"}
+    metrics = await (await client.get("/metrics")).text()
+    assert f'olla_requests_total{{code="200",endpoint="a",model="{CHAT}",route="/v1/chat/completions"}} 1.0' in metrics
+    assert 'olla_endpoint_health{endpoint="a",olla_endpoint_health="healthy"} 1.0' in metrics
+    assert 'olla_endpoint_slots{endpoint="a"} 4.0' in metrics
+    assert "olla_upstream_ttfb_seconds_bucket" in metrics and "olla_health_check_duration_seconds_count" in metrics

@@ -1,0 +1,113 @@
+"""Connection handling against an endpoint that closes connections the way llama-server does.
+
+llama-server closes a connection after a chunked (streamed) reply, and closes
+idle keep-alive connections after 5 s. A raw-socket endpoint plays the worst
+case deterministically: a request that arrives on such a connection is dropped
+without an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+
+from olla.app import REGISTRY, create_app
+from tests.routerkit import router_config, wait_until
+
+MODELS = orjson.dumps({"object": "list", "data": [{"id": "m"}]})
+
+
+@dataclass
+class StingyEndpoint:
+    """HTTP/1.1 over raw sockets; drops any request sent on a connection after a chunked reply,
+    and any second request on a connection when `one_request_per_connection` is set."""
+
+    one_request_per_connection: bool = False
+    connections_with_work: int = 0
+    dropped: int = 0
+    server: asyncio.Server | None = field(default=None, repr=False)
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        streamed = served = 0
+        counted = False
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                line, *header_lines = head.decode().split("\r\n")
+                method, path, _ = line.split(" ")
+                headers = dict(h.split(": ", 1) for h in header_lines if h)
+                await reader.readexactly(int(headers.get("Content-Length", "0")))
+                if method == "POST" and (streamed or (self.one_request_per_connection and served)):
+                    self.dropped += 1
+                    return  # the request never reaches the model
+                if method == "POST" and not counted:
+                    counted = True
+                    self.connections_with_work += 1
+                served += method == "POST"
+                closing = headers.get("Connection", "").lower() == "close"  # honoured, as cpp-httplib does
+                if path == "/completion":
+                    streamed += 1
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                                 + (b"Connection: close\r\n\r\n" if closing else b"Keep-Alive: timeout=5, max=100\r\n\r\n"))  # fmt: skip
+                    for event in (b'data: {"content":"a","stop":false}\n\n', b'data: {"content":"","stop":true}\n\n'):
+                        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    writer.write(b"0\r\n\r\n")
+                else:
+                    body = MODELS if path == "/v1/models" else b'{"status":"ok"}'
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                await writer.drain()
+                if closing:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture
+async def stingy() -> AsyncIterator[StingyEndpoint]:
+    endpoint = StingyEndpoint()
+    yield endpoint
+    await endpoint.stop()
+
+
+async def _router(aiohttp_client, url: str):  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(create_app(router_config([{"name": "e", "url": url}])))
+    registry = client.app[REGISTRY]
+    await wait_until(registry, lambda: registry.endpoints["e"].routable and registry.endpoints["e"].discovery)
+    return client, registry.endpoints["e"]
+
+
+async def test_a_connection_is_never_reused_after_a_streamed_reply(aiohttp_client, stingy) -> None:
+    client, endpoint = await _router(aiohttp_client, await stingy.start())
+    for _ in range(10):
+        r = await client.post("/olla/llamacpp/completion", json={"prompt": "x", "stream": True})
+        assert r.status == 200 and (await r.text()).count("data: ") == 2
+    assert stingy.dropped == 0
+    assert stingy.connections_with_work == 10
+    assert endpoint.errors == 0 and endpoint.routable
+
+
+async def test_a_pooled_connection_the_endpoint_closed_is_retried_on_a_fresh_one(aiohttp_client, stingy) -> None:
+    stingy.one_request_per_connection = True
+    client, endpoint = await _router(aiohttp_client, await stingy.start())
+    for _ in range(6):
+        r = await client.post("/olla/llamacpp/tokenize", json={"content": "x"})
+        assert r.status == 200, await r.text()
+        assert r.headers["X-Olla-Routing-Decision"] == "routed"
+    assert stingy.dropped >= 1, "the test endpoint never dropped a reused connection"
+    assert endpoint.errors == 0 and endpoint.routable
