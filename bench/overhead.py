@@ -92,13 +92,15 @@ async def measure(base: str, path: str, body: dict, requests: int, concurrency: 
     """Per-request latency (to the last byte) and requests per second."""
     latencies: list[float] = []
     queue = iter(range(requests))
+    # llama-server closes a connection after a streamed reply; say so up front, as olla does upstream.
+    headers = {"Connection": "close"} if body.get("stream") else {}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
             for _ in queue:
                 started = time.perf_counter()
-                async with session.post(base + path, json=body) as r:
+                async with session.post(base + path, json=body, headers=headers) as r:
                     await r.read()
                     if r.status != 200:
                         raise RuntimeError(f"{base}{path}: {r.status}")

@@ -3,7 +3,8 @@
 `load_config` reads a file; `parse_config` validates already-parsed data. Every
 problem is collected, then one `ConfigError` lists them all, each as
 `<file>: <key.path[index]>: <problem>: got <value>; expected <what>`.
-Header values are secrets and are never echoed.
+Header values are secrets and are never echoed. What a single value may look like
+(durations, sizes, `${VAR}`, URLs) is `olla.values`; this module knows the keys.
 
 Profiles are read here too (they are YAML) and validated by the pure
 `olla.profiles.parse_profile`, because endpoint `type` must name a loaded profile.
@@ -14,20 +15,41 @@ from __future__ import annotations
 import difflib
 import enum
 import functools
-import math
 import os
 import re
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import yaml
 
 from olla.errors import ConfigError
 from olla.profiles import HEADER_NAME_PATTERN, Profile, parse_profile, prefix_conflicts
+from olla.values import (
+    DURATION_EXPECTED,
+    SIZE_EXPECTED,
+    Convert,
+    UnsetVariable,
+    base_url,
+    boolean,
+    choice,
+    duration,
+    header_value,
+    integer,
+    size,
+    target_url,
+    text,
+    url_key,
+    without_password,
+)
+
+# Re-exported: callers import the value grammar from olla.config too.
+from olla.values import expand_env as expand_env
+from olla.values import join_url as join_url
+from olla.values import parse_duration as parse_duration
+from olla.values import parse_size as parse_size
 
 SHIPPED_PROFILES_DIR = Path(__file__).parent / "profiles"
 BALANCERS = ("priority", "round-robin", "least-connections")  # names in olla.balancer.BALANCERS
@@ -220,100 +242,9 @@ def _read_yaml(path: Path, problems: list[str]) -> Any:
     return None
 
 
-# ---- values: durations, sizes, ${VAR} ----------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_NUMBER = re.compile(r"[+-]?(\d+(?:\.\d*)?|\.\d+)")
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-DURATION_EXPECTED = "a duration such as 500ms, 5s, 15m, 1h or 1m30s (plain numbers are seconds)"
-SIZE_EXPECTED = "a size in bytes, or a string such as 512KiB, 10MB or 100MiB"
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from `500ms`, `5s`, `15m`, `1h`, `1m30s` or a plain number of seconds; raises ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError("wrong type")
-    if isinstance(value, str):
-        text = value.strip()
-        if _NUMBER.fullmatch(text):
-            seconds = float(text)
-        elif text.startswith("-"):
-            raise ValueError("negative duration")
-        else:
-            parts = list(_DURATION_PART.finditer(text))
-            if not parts or "".join(p.group(0) for p in parts) != text:
-                raise ValueError("not a duration")
-            seconds = sum(float(p.group(1)) * _DURATION_UNITS[p.group(2)] for p in parts)
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds):
-        raise ValueError("not a finite duration")
-    if seconds < 0:
-        raise ValueError("negative duration")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Bytes from an int or `512KiB`, `10MB`, `100MiB` (KB = 1000, KiB = 1024); raises ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError("wrong type")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("negative size")
-        return value
-    match = _SIZE.fullmatch(value.strip())
-    if match is None:
-        raise ValueError("negative size" if value.strip().startswith("-") else "not a size")
-    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
-
-
-class _Expanded(str):
-    """A string that came from `${VAR}`; int and bool keys accept it, since env values are always text."""
-
-
-class _UnsetVariable(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-_REFERENCE = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")
-_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def expand_env(text: str, env: Mapping[str, str]) -> str:
-    """`${VAR}`, `${VAR:-default}` (default when unset or empty) and `$$` for a literal `$`; raises ValueError."""
-    substituted = False
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal substituted
-        if match.group(0) == "$$":
-            return "$"
-        body = match.group(1)
-        if body is None:
-            raise ValueError("unterminated ${")
-        name, has_default, default = body.partition(":-")
-        if not _VAR_NAME.fullmatch(name) or "${" in default:
-            raise ValueError(f"bad variable reference ${{{body}}}")
-        substituted = True
-        found = env.get(name)
-        if found is None or (has_default and found == ""):
-            if has_default:
-                return default
-            raise _UnsetVariable(name)
-        return found
-
-    result = _REFERENCE.sub(replace, text)
-    return _Expanded(result) if substituted else result
-
-
 # ---- the reader: typed getters that collect problems ---------------------------------------
 
 T = TypeVar("T")
-Convert = Callable[[Any], T]
 
 
 class _Bad(enum.Enum):
@@ -355,7 +286,7 @@ class _Reader:
         if isinstance(value, str):
             try:
                 value = expand_env(value, self.env)
-            except _UnsetVariable as exc:
+            except UnsetVariable as exc:
                 self.bad(
                     path,
                     f"environment variable {exc.name} is not set",
@@ -396,7 +327,7 @@ def _show(value: Any, secret: bool) -> str:
         return "<redacted>"
     if isinstance(value, _Shown):
         return str(value)
-    text = repr(_without_password(str(value)) if isinstance(value, str) else value)
+    text = repr(without_password(str(value)) if isinstance(value, str) else value)
     return text if len(text) <= 100 else text[:97] + "..."
 
 
@@ -404,141 +335,6 @@ def _key(path: str, key: Any) -> str:
     if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
         return f"{path}.{key}" if path else key
     return f"{path}[{key!r}]"
-
-
-def _without_password(text: str) -> str:
-    try:
-        parts = urlsplit(text)
-        if parts.password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    except ValueError:
-        pass
-    return text
-
-
-# ---- converters: value -> typed value, or ValueError(problem) -----------------------------
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("wrong type")
-    if not value.strip() or value != value.strip():
-        raise ValueError("empty or padded with whitespace")
-    return str(value)
-
-
-def _integer(low: int, high: int | None = None) -> Convert[int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, _Expanded) and _NUMBER.fullmatch(value.strip()) and "." not in value:
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("wrong type")
-        if value < low or (high is not None and value > high):
-            raise ValueError("out of range")
-        return value
-
-    return convert
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, _Expanded) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return value.strip().lower() in ("true", "yes", "on", "1")
-    if not isinstance(value, bool):
-        raise ValueError("wrong type")
-    return value
-
-
-def _duration(low: float, *, exclusive: bool = False) -> Convert[float]:
-    def convert(value: Any) -> float:
-        seconds = parse_duration(value)
-        if seconds < low or (exclusive and seconds == low):
-            raise ValueError("too short")
-        return seconds
-
-    return convert
-
-
-def _size(value: Any) -> int:
-    size = parse_size(value)
-    if size == 0:
-        raise ValueError("zero size")
-    return size
-
-
-def _choice(options: tuple[str, ...]) -> Convert[str]:
-    def convert(value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError("wrong type")
-        if value.lower() in options:
-            return value.lower()
-        hint = difflib.get_close_matches(value.lower(), options, n=1)
-        raise ValueError(f"unknown value (did you mean {hint[0]}?)" if hint else "unknown value")
-
-    return convert
-
-
-def _url_parts(value: Any) -> SplitResult:
-    """An absolute http(s) URL with a host and no credentials; scheme and host lowercased."""
-    if not isinstance(value, str):
-        raise ValueError("wrong type")
-    if not value or any(c.isspace() for c in value):
-        raise ValueError("empty or contains whitespace")
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError("unsupported scheme" if parts.scheme else "not an absolute URL")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials (user:pass@) in the URL are not allowed; send them with headers")
-    if not parts.hostname:
-        raise ValueError("no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("bad port") from None
-    if port == 0:
-        raise ValueError("bad port")
-    if parts.fragment:
-        raise ValueError("a #fragment is not allowed")
-    return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower())
-
-
-def _base_url(value: Any) -> str:
-    parts = _url_parts(value)
-    if parts.query:
-        raise ValueError("a ?query is not allowed in an endpoint url")
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
-
-
-def _target_url(value: Any) -> str:
-    """An absolute http(s) URL, or a path to join to the endpoint's url."""
-    if isinstance(value, str) and value and not urlsplit(value).scheme and not value.startswith("//"):
-        if any(c.isspace() for c in value) or "#" in value:
-            raise ValueError("contains whitespace or a #fragment")
-        return str(value)
-    return urlunsplit(_url_parts(value))
-
-
-def _header_value(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("wrong type")
-    if not value.strip():
-        raise ValueError("empty header value")
-    if any(c in value for c in "\r\n\0"):
-        raise ValueError("header value contains a line break")
-    return str(value)
-
-
-def _url_key(url: str) -> tuple[str, str, int | None, str]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}[parts.scheme]
-    return parts.scheme, parts.hostname or "", port, parts.path.rstrip("/")
-
-
-def join_url(base: str, target: str) -> str:
-    """An absolute target as is; a path joined to base, keeping base's own path."""
-    if urlsplit(target).scheme:
-        return target
-    return base.rstrip("/") + "/" + target.lstrip("/")
 
 
 # ---- sections ----------------------------------------------------------------------------
@@ -571,7 +367,7 @@ def parse_config(
 def _profiles(r: _Reader, top: Mapping[Any, Any], base_dir: Path) -> tuple[Mapping[str, Profile], bool]:
     """The shipped profiles, overridden by name by those in `profiles_dir`."""
     expected = "a directory of profile *.yaml files"
-    named = r.get(top, "profiles_dir", "", None, _text, expected)
+    named = r.get(top, "profiles_dir", "", None, text, expected)
     profiles: dict[str, Profile] = {}
     problems: list[str] = []
     directories = [SHIPPED_PROFILES_DIR]
@@ -593,32 +389,32 @@ def _server(r: _Reader, value: Any) -> ServerConfig:
     m = r.mapping(value, "server", ("host", "port", "request_limits", "shutdown_timeout"))
     limits = r.mapping(m.get("request_limits"), "server.request_limits", ("max_body_size",))
     return ServerConfig(
-        host=r.get(m, "host", "server", d.host, _text, "a host name or IP address"),
-        port=r.get(m, "port", "server", d.port, _integer(1, 65535), "an integer port from 1 to 65535"),
+        host=r.get(m, "host", "server", d.host, text, "a host name or IP address"),
+        port=r.get(m, "port", "server", d.port, integer(1, 65535), "an integer port from 1 to 65535"),
         max_body_size=r.get(
-            limits, "max_body_size", "server.request_limits", d.max_body_size, _size, f"{SIZE_EXPECTED}, above zero"
+            limits, "max_body_size", "server.request_limits", d.max_body_size, size, f"{SIZE_EXPECTED}, above zero"
         ),
-        shutdown_timeout=r.get(m, "shutdown_timeout", "server", d.shutdown_timeout, _duration(0), DURATION_EXPECTED),
+        shutdown_timeout=r.get(m, "shutdown_timeout", "server", d.shutdown_timeout, duration(0), DURATION_EXPECTED),
     )
 
 
 def _proxy(r: _Reader, value: Any) -> ProxyConfig:
     d = ProxyConfig()
     m = r.mapping(value, "proxy", ("load_balancer", "connection_timeout", "response_timeout", "read_timeout", "retry"))
-    timeout = _duration(0, exclusive=True)
+    timeout = duration(0, exclusive=True)
     expected = f"{DURATION_EXPECTED}, above zero"
     retry = r.mapping(m.get("retry"), "proxy.retry", ("enabled", "max_attempts"))
     return ProxyConfig(
         load_balancer=r.get(
-            m, "load_balancer", "proxy", d.load_balancer, _choice(BALANCERS), f"one of {', '.join(BALANCERS)}"
+            m, "load_balancer", "proxy", d.load_balancer, choice(BALANCERS), f"one of {', '.join(BALANCERS)}"
         ),
         connection_timeout=r.get(m, "connection_timeout", "proxy", d.connection_timeout, timeout, expected),
         response_timeout=r.get(m, "response_timeout", "proxy", d.response_timeout, timeout, expected),
         read_timeout=r.get(m, "read_timeout", "proxy", d.read_timeout, timeout, expected),
         retry=RetryConfig(
-            enabled=r.get(retry, "enabled", "proxy.retry", True, _boolean, "true or false"),
+            enabled=r.get(retry, "enabled", "proxy.retry", True, boolean, "true or false"),
             max_attempts=r.get(
-                retry, "max_attempts", "proxy.retry", 0, _integer(0), "an integer >= 0 (0: every candidate once)"
+                retry, "max_attempts", "proxy.retry", 0, integer(0), "an integer >= 0 (0: every candidate once)"
             ),
         ),
     )
@@ -627,18 +423,18 @@ def _proxy(r: _Reader, value: Any) -> ProxyConfig:
 def _logging(r: _Reader, value: Any) -> LoggingConfig:
     m = r.mapping(value, "logging", ("level", "format"))
     return LoggingConfig(
-        level=r.get(m, "level", "logging", "info", _choice(LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}"),
-        format=r.get(m, "format", "logging", "json", _choice(LOG_FORMATS), f"one of {', '.join(LOG_FORMATS)}"),
+        level=r.get(m, "level", "logging", "info", choice(LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}"),
+        format=r.get(m, "format", "logging", "json", choice(LOG_FORMATS), f"one of {', '.join(LOG_FORMATS)}"),
     )
 
 
 def _discovery(r: _Reader, value: Any, profiles: Mapping[str, Profile] | None) -> DiscoveryConfig:
     m = r.mapping(value, "discovery", ("type", "static", "model_discovery"))
-    r.get(m, "type", "discovery", "static", _choice(("static",)), "static (the only discovery type)")
+    r.get(m, "type", "discovery", "static", choice(("static",)), "static (the only discovery type)")
     static = r.mapping(m.get("static"), "discovery.static", ("endpoints",))
     found = r.mapping(m.get("model_discovery"), "discovery.model_discovery", ("interval",))
     above_zero = f"{DURATION_EXPECTED}, above zero"
-    interval = r.get(found, "interval", "discovery.model_discovery", 300.0, _duration(0, exclusive=True), above_zero)
+    interval = r.get(found, "interval", "discovery.model_discovery", 300.0, duration(0, exclusive=True), above_zero)
     items = static.get("endpoints")
     path = "discovery.static.endpoints"
     if items is not None and not isinstance(items, list):
@@ -656,13 +452,13 @@ def _endpoint(
     if not isinstance(item, Mapping):
         return None
     d = EndpointConfig(name="", url="")
-    name = r.require(m, "name", path, _text, "a unique, non-empty name")
-    url = r.require(m, "url", path, _base_url, "an http:// or https:// URL with a host, such as http://127.0.0.1:8080")
+    name = r.require(m, "name", path, text, "a unique, non-empty name")
+    url = r.require(m, "url", path, base_url, "an http:// or https:// URL with a host, such as http://127.0.0.1:8080")
     if not isinstance(name, _Bad):
         names.claim(name, _key(path, "name"), name)
     if not isinstance(url, _Bad):
-        urls.claim(_url_key(url), _key(path, "url"), url)
-    kind = r.get(m, "type", path, d.type, _text, "a profile name")
+        urls.claim(url_key(url), _key(path, "url"), url)
+    kind = r.get(m, "type", path, d.type, text, "a profile name")
     profile = None
     if profiles is not None:
         profile = profiles.get(kind)
@@ -672,21 +468,21 @@ def _endpoint(
             loaded = ", ".join(sorted(profiles)) or "none loaded"
             r.bad(_key(path, "type"), problem, kind, f"a loaded profile: {loaded}")
     interval = r.get(
-        m, "check_interval", path, d.check_interval, _duration(0.1), f"{DURATION_EXPECTED}, at least 100ms"
+        m, "check_interval", path, d.check_interval, duration(0.1), f"{DURATION_EXPECTED}, at least 100ms"
     )
     timeout = min(d.check_timeout, interval / 2)  # a short check_interval alone stays valid
     if "check_timeout" in m:
         here = _key(path, "check_timeout")
-        given = r.check(m["check_timeout"], here, _duration(0, exclusive=True), f"{DURATION_EXPECTED}, above zero")
+        given = r.check(m["check_timeout"], here, duration(0, exclusive=True), f"{DURATION_EXPECTED}, above zero")
         if not isinstance(given, _Bad) and given >= interval:
             below = f"a duration below check_interval ({interval:g}s)"
             r.bad(here, "not less than check_interval", m["check_timeout"], below)
         elif not isinstance(given, _Bad):
             timeout = given
     expected_target = "a path such as /health (joined to url) or an absolute http(s) URL"
-    model_url = r.get(m, "model_url", path, None, _target_url, expected_target)
-    health_url = r.get(m, "health_check_url", path, None, _target_url, expected_target)
-    priority = r.get(m, "priority", path, d.priority, _integer(0), "an integer >= 0 (higher is preferred)")
+    model_url = r.get(m, "model_url", path, None, target_url, expected_target)
+    health_url = r.get(m, "health_check_url", path, None, target_url, expected_target)
+    priority = r.get(m, "priority", path, d.priority, integer(0), "an integer >= 0 (higher is preferred)")
     headers = _headers(r, m.get("headers"), _key(path, "headers"))
     if isinstance(name, _Bad) or isinstance(url, _Bad):
         return None
@@ -725,7 +521,7 @@ def _headers(r: _Reader, value: Any, path: str) -> Mapping[str, str]:
             r.bad(here, "duplicate header (names are case-insensitive)", name, "each header once")
         else:
             seen.add(name.lower())
-            checked = r.check(raw, here, _header_value, "a non-empty string on one line", secret=True)
+            checked = r.check(raw, here, header_value, "a non-empty string on one line", secret=True)
             if not isinstance(checked, _Bad):
                 headers[name] = checked
     return MappingProxyType(headers)
@@ -761,7 +557,7 @@ def _aliases(r: _Reader, value: Any, path: str) -> Mapping[str, tuple[str, ...]]
             r.bad(here, problem, ids, "a non-empty list of model ids")
             continue
         expected = "a non-empty model id without surrounding whitespace"
-        checked = [r.check(model, f"{here}[{i}]", _text, expected) for i, model in enumerate(ids)]
+        checked = [r.check(model, f"{here}[{i}]", text, expected) for i, model in enumerate(ids)]
         good = [m for m in checked if not isinstance(m, _Bad)]
         for i, model in enumerate(good):
             if model in good[:i]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ def test_demo_routes_a_chat_and_drains_on_sigterm() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "olla", "serve", "--demo", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)  # fmt: skip
     base = f"http://localhost:{port}"
+    signalled = False
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -85,8 +87,31 @@ def test_demo_routes_a_chat_and_drains_on_sigterm() -> None:
         assert body["choices"][0]["message"]["role"] == "assistant"
         models = _get(base + "/olla/llamacpp/v1/models")[2]
         assert {"llama-3.2-1b-instruct", "qwen2.5-coder-1.5b"} <= {m["id"] for m in models["data"]}
+
+        # SIGTERM while a generation is in flight: it still finishes, then the process exits 0.
+        slow = {**chat, "max_tokens": 60}  # about 0.7 s at the demo's 12 ms per token
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(_get, base + "/olla/llamacpp/v1/chat/completions", slow)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            signalled = True
+            code, _, body = in_flight.result(timeout=15)
+        assert code == 200 and body["usage"]["completion_tokens"] == 60
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if not signalled:
+            proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0, output
     assert "draining" in output and "stopped" in output
+
+
+def test_json_log_lines_carry_the_extra_fields() -> None:
+    import logging
+
+    from olla.cli import JsonFormatter
+
+    record = logging.LogRecord("olla.access", logging.INFO, __file__, 1, "request", None, None)
+    record.request_id, record.status = "r1", 200
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "request" and line["request_id"] == "r1" and line["status"] == 200
+    assert line["level"] == "info" and line["logger"] == "olla.access"

@@ -72,7 +72,8 @@ async def start() -> AsyncIterator[Start]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    # A fresh connection per request: like llama-server, the emulator hangs up after each stream.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         yield s
 
 
@@ -288,7 +289,8 @@ async def test_embeddings_native_and_openai(start, session) -> None:
     assert oai["usage"] == {"prompt_tokens": 6, "total_tokens": 6}
     assert [set(d) for d in oai["data"]] == [{"embedding", "index", "object"}] * 2
     assert oai["data"][0]["embedding"] == vector and oai["data"][1]["embedding"] != vector
-    _, packed = await call(session, "POST", sim.url + "/v1/embeddings", json={"input": "hi", "encoding_format": "base64"})
+    as_base64 = {"input": "hi", "encoding_format": "base64"}
+    _, packed = await call(session, "POST", sim.url + "/v1/embeddings", json=as_base64)
     assert packed["model"] == "chat-model"
     raw = base64.b64decode(packed["data"][0]["embedding"])
     assert list(struct.unpack("<128f", raw)) == pytest.approx(vector, rel=1e-6)
@@ -303,15 +305,41 @@ async def test_tokenize_detokenize_and_apply_template(start, session) -> None:
     sim = await start()
     _, reply = await call(session, "POST", sim.url + "/tokenize", json={"content": "hé"})
     assert reply == {"tokens": [107, 198, 172]}
-    _, reply = await call(session, "POST", sim.url + "/tokenize", json={"content": "hé", "with_pieces": True, "add_special": True})
-    assert reply == {
-        "tokens": [{"id": 1, "piece": "<s>"}, {"id": 107, "piece": "h"}, {"id": 198, "piece": [195]}, {"id": 172, "piece": [169]}]
-    }
+    with_pieces = {"content": "hé", "with_pieces": True, "add_special": True}
+    _, reply = await call(session, "POST", sim.url + "/tokenize", json=with_pieces)
+    pieces = [(1, "<s>"), (107, "h"), (198, [195]), (172, [169])]
+    assert reply == {"tokens": [{"id": i, "piece": p} for i, p in pieces]}
     _, reply = await call(session, "POST", sim.url + "/detokenize", json={"tokens": [1, 107, 198, 172]})
     assert reply == {"content": "<s>hé"}
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    parts = [{"type": "text", "text": "hi"}]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}]
     _, reply = await call(session, "POST", sim.url + "/apply-template", json={"messages": messages})
-    assert reply == {"prompt": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"}
+    chatml = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert reply == {"prompt": chatml}
+
+
+async def test_a_stream_ends_by_closing_its_connection_a_plain_reply_keeps_it(start) -> None:
+    sim = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+
+    def post(body: dict[str, Any]) -> bytes:
+        raw = orjson.dumps(body)
+        head = f"POST /completion HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}"
+        return head.encode() + b"\r\n\r\n" + raw
+
+    try:
+        for _ in range(2):
+            writer.write(post({"prompt": "x", "n_predict": 2}))
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            assert head.startswith("HTTP/1.1 200") and "Connection: close" not in head
+            length = int(head.lower().split("content-length: ")[1].split("\r\n")[0])
+            await reader.readexactly(length)
+        writer.write(post({"prompt": "x", "n_predict": 2, "stream": True}))
+        rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server hung up
+        assert rest.startswith(b"HTTP/1.1 200") and b"Connection: close" not in rest
+        assert rest.endswith(b"0\r\n\r\n")
+    finally:
+        writer.close()
 
 
 # --- errors, auth, loading -------------------------------------------------------
@@ -329,7 +357,8 @@ async def test_bad_bodies_get_llama_server_errors(start, session) -> None:
     sim = await start()
     # This llama-server build (0.5.0-dev, from llama-cpp-python 0.3.36) answers malformed JSON 500, not 400.
     status, body = await call(session, "POST", sim.url + "/v1/chat/completions", data=b"{bad")
-    assert status == 500 and error_of(body, 500, "server_error")["message"].startswith("[json.exception.parse_error.101]")
+    assert status == 500
+    assert error_of(body, 500, "server_error")["message"].startswith("[json.exception.parse_error.101]")
     for path, payload, message in [
         ("/v1/chat/completions", {}, "'messages' is required"),
         ("/v1/chat/completions", {"messages": "x"}, "Expected 'messages' to be an array"),
@@ -358,7 +387,8 @@ async def test_the_api_key_guards_everything_but_health(start, session) -> None:
     assert (await call(session, "GET", sim.url + "/v1/health"))[0] == 200
     for path in ("/v1/models", "/props", "/slots", "/metrics", "/nope"):
         assert await call(session, "GET", sim.url + path) == (401, denied)
-    assert await call(session, "GET", sim.url + "/v1/models", headers={"Authorization": "Bearer wrong"}) == (401, denied)
+    wrong = {"Authorization": "Bearer wrong"}
+    assert await call(session, "GET", sim.url + "/v1/models", headers=wrong) == (401, denied)
     assert (await call(session, "GET", sim.url + "/v1/models", headers={"Authorization": "Bearer sekrit"}))[0] == 200
     assert (await call(session, "GET", sim.url + "/v1/models", headers={"X-Api-Key": "sekrit"}))[0] == 200
     both = {"Authorization": "Bearer wrong", "X-Api-Key": "sekrit"}
@@ -386,7 +416,8 @@ async def test_the_model_field_is_never_checked(start, session) -> None:
 async def test_the_app_also_runs_under_pytest_aiohttp(aiohttp_server, session) -> None:
     sim = SimServer(SimConfig(model="m", decode_ms=0.0))
     server = await aiohttp_server(sim.app)  # its runner cancels handlers too
-    status, body = await call(session, "POST", str(server.make_url("/completion")), json={"prompt": "x", "n_predict": 2})
+    url = str(server.make_url("/completion"))
+    status, body = await call(session, "POST", url, json={"prompt": "x", "n_predict": 2})
     assert status == 200 and body["tokens_predicted"] == 2
     with pytest.raises(ValueError, match="needs a listener"):
         sim.set_fault("refuse")

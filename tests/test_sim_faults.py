@@ -41,7 +41,8 @@ async def start() -> AsyncIterator[Start]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    # A fresh connection per request: like llama-server, the emulator hangs up after each stream.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         yield s
 
 
@@ -93,6 +94,7 @@ async def test_crash_cuts_every_connection_and_clearing_restarts_with_empty_cach
     await stream.content.readline()
     sim.set_fault("crash")
     events, error = await read_events(stream)
+    stream.close()
     assert isinstance(error, aiohttp.ClientError) and "[DONE]" not in events
     await until(lambda: sim.busy_slots == 0, 0.5)
     with pytest.raises(aiohttp.ClientConnectorError):
@@ -147,7 +149,8 @@ async def test_cut_stream_drops_the_connection_after_some_tokens(start, session)
 async def test_status_answers_generation_with_an_error_body(start, session, status) -> None:
     sim = await start()
     sim.set_fault("status", status=status)
-    for path, body in [("/v1/chat/completions", CHAT), ("/completion", {"prompt": "x"}), ("/v1/embeddings", {"input": "x"})]:
+    routes = [("/v1/chat/completions", CHAT), ("/completion", {"prompt": "x"}), ("/v1/embeddings", {"input": "x"})]
+    for path, body in routes:
         async with session.post(sim.url + path, json=body) as r:
             assert r.status == status
             error = (await r.json())["error"]

@@ -38,7 +38,8 @@ async def start() -> AsyncIterator[Start]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    # A fresh connection per request: like llama-server, the emulator hangs up after each stream.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         yield s
 
 
@@ -187,7 +188,8 @@ async def test_a_busy_server_fails_the_no_slot_probe_and_counts_the_deferred(sta
 
 async def test_a_pinned_slot_is_waited_for_even_when_another_is_idle(start, session) -> None:
     sim = await start(slots=2, decode_ms=20.0)
-    first = asyncio.create_task(session.post(sim.url + "/completion", json={"prompt": "a", "n_predict": 10, "id_slot": 0}))
+    pinned = {"prompt": "a", "n_predict": 10, "id_slot": 0}
+    first = asyncio.create_task(session.post(sim.url + "/completion", json=pinned))
     await until(lambda: sim.busy_slots == 1)
     async with session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1, "id_slot": 2}) as r:
         assert (await r.json())["id_slot"] == 0

@@ -82,6 +82,8 @@ def prompt_tokens(body: dict[str, Any]) -> list[int]:
         out: list[int] = []
         for part in prompt:
             out += tokens.tokenize(part, add_bos=not out) if isinstance(part, str) else [part]
+        if not out:
+            raise errors.invalid('"prompt" must not be empty')
         if not all(tokens.is_valid(t) for t in out):
             raise errors.invalid("Prompt contains invalid tokens")
         return out

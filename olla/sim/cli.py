@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--prefill-ms", type=float, default=defaults.prefill_ms, help="per uncached prompt token")
     parser.add_argument("--decode-ms", type=float, default=defaults.decode_ms, help="per generated token")
-    parser.add_argument("--load-seconds", type=float, default=defaults.load_seconds, help="503 'Loading model' at start")
+    parser.add_argument(
+        "--load-seconds", type=float, default=defaults.load_seconds, help="answer 503 'Loading model' this long"
+    )
     parser.add_argument("--ctx", type=int, default=defaults.n_ctx, help="context per slot, in tokens")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--n-predict", type=int, default=defaults.n_predict, help="tokens when a request sets no limit")

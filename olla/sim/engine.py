@@ -133,7 +133,7 @@ class Engine:
         self.pool = SlotPool(config.slots)
         self.metrics = Metrics()
         self._task_ids = 0
-        self.ids = random.Random(config.seed)
+        self.ids = random.Random()  # unseeded: ids must differ between servers, as real ones do
 
     def next_task_id(self) -> int:
         self._task_ids += 1

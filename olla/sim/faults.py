@@ -13,7 +13,8 @@
     fail_health   /health answers 500
 
 "Generation routes" are the ones that take a slot: completions, chat, infill,
-embeddings. A request without streaming that meets hang_stream or cut_stream
+embeddings (which have no tokens to count, so hang_stream and cut_stream pass
+them by). A request without streaming that meets hang_stream or cut_stream
 hangs or is cut before any header, since its body only exists once it is done.
 Any fault takes `duration` (seconds) to clear itself, e.g. a crash and restart.
 """

@@ -3,7 +3,8 @@
 A request waits for a slot before anything is written, so a deferred request
 has no status line yet. A stream's headers go out with its first token, which
 is why a prompt that overflows the context gets a plain JSON 400 even when
-streaming. Injected generation faults act here, at the token they name.
+streaming; its connection is closed once it ends. Injected generation faults
+act here, at the token they name.
 """
 
 from __future__ import annotations
@@ -169,13 +170,15 @@ async def _stream(request: web.Request, state: State, fmt: Format, reply: Reply,
             if not gen.done:
                 await _at_token(request, state, len(gen.tokens))
             token = await gen.next_token()
-            events = []
+            events: list[dict[str, Any]] = []
             if response is None:
                 response = await _open_stream(request)
                 events += fmt.opening(reply, gen)
             if token is None:
                 await response.write(_sse(events + fmt.closing(reply, gen), fmt.done_marker))
                 await response.write_eof()
+                # llama-server hangs up after every streamed reply, without a `Connection: close`.
+                request.protocol.close()
                 return response
             await response.write(_sse(events + fmt.partial(reply, gen, token), False))
     except _Cut:

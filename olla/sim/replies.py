@@ -146,7 +146,8 @@ class Chat:
     done_marker = True
 
     def opening(self, reply: Reply, gen: Generation) -> list[dict[str, Any]]:
-        return [self._chunk(reply, [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}])]
+        role = {"role": "assistant", "content": None}
+        return [self._chunk(reply, [{"finish_reason": None, "index": 0, "delta": role}])]
 
     def partial(self, reply: Reply, gen: Generation, token: int) -> list[dict[str, Any]]:
         return [self._chunk(reply, [{"finish_reason": None, "index": 0, "delta": {"content": _text(token)}}])]

@@ -103,5 +103,5 @@ def add_routes(app: web.Application) -> None:
         "/detokenize": detokenize,
         "/apply-template": apply_template,
     }
-    app.router.add_routes([web.get(path, handler, allow_head=False) for path, handler in get.items()])
+    app.router.add_routes([web.get(path, handler) for path, handler in get.items()])
     app.router.add_routes([web.post(path, handler) for path, handler in post.items()])

@@ -30,6 +30,7 @@ from olla.sim.state import STATE, State, json_response
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = ("/health", "/v1/health")
 ADMIN_PREFIX = "/_sim/"
+MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts; aiohttp's default 1 MiB would answer its own 413
 KEEPALIVE_SECONDS = 5.0  # llama-server's cpp-httplib drops idle connections after 5 s
 
 
@@ -122,7 +123,7 @@ class SimServer:
             self._listen_again()
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[_gate])
+        app = web.Application(middlewares=[_gate], client_max_size=MAX_BODY_BYTES)
         app[STATE] = self.state
         routes.add_routes(app)
         app.router.add_route("*", "/_sim/fault", self._admin_fault)
