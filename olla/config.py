@@ -1,7 +1,7 @@
 """YAML -> frozen dataclasses, validated once; the only module that imports yaml.
 
 `load_config` reads a file; `parse_config` validates already-parsed data. Every
-problem is collected, then one `ConfigError` lists them all, each as
+problem is collected (`olla.checks`), then one `ConfigError` lists them all, each as
 `<file>: <key.path[index]>: <problem>: got <value>; expected <what>`.
 Header values are secrets and are never echoed. What a single value may look like
 (durations, sizes, `${VAR}`, URLs) is `olla.values`; this module knows the keys.
@@ -13,24 +13,22 @@ Profiles are read here too (they are YAML) and validated by the pure
 from __future__ import annotations
 
 import difflib
-import enum
 import functools
 import os
-import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from olla.checks import Bad, Checks, NotExpanded, key_path
 from olla.errors import ConfigError
 from olla.profiles import HEADER_NAME_PATTERN, Profile, parse_profile, prefix_conflicts
 from olla.values import (
     DURATION_EXPECTED,
     SIZE_EXPECTED,
-    Convert,
     UnsetVariable,
     base_url,
     boolean,
@@ -52,7 +50,7 @@ from olla.values import parse_duration as parse_duration
 from olla.values import parse_size as parse_size
 
 SHIPPED_PROFILES_DIR = Path(__file__).parent / "profiles"
-BALANCERS = ("priority", "round-robin", "least-connections")  # names in olla.balancer.BALANCERS
+BALANCERS = ("slot-aware", "priority", "round-robin", "least-connections")  # names in olla.balancer.BALANCERS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 # Set by olla or aiohttp per request; a configured value would break the exchange.
@@ -74,12 +72,27 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    max_size: int = 256  # per model; 0: answer 503 at once when every slot is busy
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AffinityConfig:
+    enabled: bool = True
+    max_entries: int = 10_000
+    ttl: float = 600.0  # idle time after which a conversation is forgotten
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
-    load_balancer: str = "least-connections"
+    load_balancer: str = "slot-aware"
     connection_timeout: float = 10.0
     response_timeout: float = 900.0
     read_timeout: float = 600.0
     retry: RetryConfig = RetryConfig()
+    queue: QueueConfig = QueueConfig()
+    affinity: AffinityConfig = AffinityConfig()
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class EndpointConfig:
     health_check_url: str | None = None
     check_interval: float = 5.0
     check_timeout: float = 2.0
+    slots: int | None = None  # used when the endpoint reports none (no /props, /slots off)
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False, repr=False)  # secrets
 
 
@@ -104,6 +118,7 @@ class EndpointConfig:
 class DiscoveryConfig:
     endpoints: tuple[EndpointConfig, ...] = ()
     model_discovery_interval: float = 300.0
+    slots_interval: float = 2.0  # /slots reconciliation; at least 1s
 
 
 @dataclass(frozen=True)
@@ -242,112 +257,36 @@ def _read_yaml(path: Path, problems: list[str]) -> Any:
     return None
 
 
-# ---- the reader: typed getters that collect problems ---------------------------------------
+def _expander(env: Mapping[str, str]) -> Callable[[str], str]:
+    """${VAR} expansion for the reader, its problems phrased for a config file."""
 
-T = TypeVar("T")
-
-
-class _Bad(enum.Enum):
-    """What a check returns after recording a problem."""
-
-    BAD = 0
-
-
-_BAD = _Bad.BAD
-
-
-class _Reader:
-    def __init__(self, source: str, env: Mapping[str, str]) -> None:
-        self.source = source
-        self.env = env
-        self.problems: list[str] = []
-
-    def bad(self, path: str, problem: str, got: Any, expected: str, *, secret: bool = False) -> None:
-        self.problems.append(
-            f"{self.source}: {path or '(document)'}: {problem}: got {_show(got, secret)}; expected {expected}"
-        )
-
-    def mapping(self, value: Any, path: str, keys: tuple[str, ...]) -> Mapping[Any, Any]:
-        """A section: None is empty; unknown keys are reported with the closest known one."""
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.bad(path, "wrong type", value, f"a mapping with keys {', '.join(keys)}")
-            return {}
-        for key in value:
-            if key not in keys:
-                hint = difflib.get_close_matches(str(key), keys, n=1)
-                problem = f"unknown key (did you mean {hint[0]}?)" if hint else "unknown key"
-                self.bad(_key(path, key), problem, key, f"one of {', '.join(keys)}")
-        return value
-
-    def check(self, value: Any, path: str, convert: Convert[T], expected: str, *, secret: bool = False) -> T | _Bad:
-        """`convert(value)` after ${VAR} expansion, or _BAD with the problem recorded."""
-        if isinstance(value, str):
-            try:
-                value = expand_env(value, self.env)
-            except UnsetVariable as exc:
-                self.bad(
-                    path,
-                    f"environment variable {exc.name} is not set",
-                    value,
-                    f"{exc.name} set, or a default as in ${{{exc.name}:-value}}",
-                    secret=secret,
-                )
-                return _BAD
-            except ValueError as exc:
-                self.bad(path, str(exc), value, "${NAME} or ${NAME:-default}; write $$ for a literal $", secret=secret)
-                return _BAD
+    def expand(value: str) -> str:
         try:
-            return convert(value)
+            return expand_env(value, env)
+        except UnsetVariable as exc:
+            name = exc.name
+            raise NotExpanded(
+                f"environment variable {name} is not set", f"{name} set, or a default as in ${{{name}:-value}}"
+            ) from None
         except ValueError as exc:
-            self.bad(path, str(exc) or "bad value", value, expected, secret=secret)
-            return _BAD
+            raise NotExpanded(str(exc), "${NAME} or ${NAME:-default}; write $$ for a literal $") from None
 
-    def get(self, data: Mapping[Any, Any], key: str, path: str, default: T, convert: Convert[T], expected: str) -> T:
-        """data[key] checked; the default when it is absent or bad (the problem is recorded)."""
-        if key not in data:
-            return default
-        result = self.check(data[key], _key(path, key), convert, expected)
-        return default if isinstance(result, _Bad) else result
-
-    def require(self, data: Mapping[Any, Any], key: str, path: str, convert: Convert[T], expected: str) -> T | _Bad:
-        if key not in data:
-            self.bad(_key(path, key), "missing required key", _Shown("nothing"), expected)
-            return _BAD
-        return self.check(data[key], _key(path, key), convert, expected)
-
-
-class _Shown(str):
-    """Printed as is, not through repr."""
-
-
-def _show(value: Any, secret: bool) -> str:
-    if secret:
-        return "<redacted>"
-    if isinstance(value, _Shown):
-        return str(value)
-    text = repr(without_password(str(value)) if isinstance(value, str) else value)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def _key(path: str, key: Any) -> str:
-    if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
-        return f"{path}.{key}" if path else key
-    return f"{path}[{key!r}]"
+    return expand
 
 
 # ---- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS = ("server", "proxy", "discovery", "model_aliases", "logging", "profiles_dir")
-_ENDPOINT_KEYS = tuple("url name type priority model_url health_check_url check_interval check_timeout headers".split())
+_ENDPOINT_KEYS = tuple(
+    "url name type priority model_url health_check_url check_interval check_timeout slots headers".split()
+)
 
 
 def parse_config(
     data: Any, source: str, env: Mapping[str, str] | None = None, *, base_dir: str | Path | None = None
 ) -> Config:
     """Validate parsed YAML; raises ConfigError listing every problem. Relative paths resolve against base_dir."""
-    r = _Reader(source, os.environ if env is None else env)
+    r = Checks(source, width=100, scrub=without_password, expand=_expander(os.environ if env is None else env))
     top = r.mapping(data, "", _TOP_KEYS)
     profiles, profiles_ok = _profiles(r, top, Path.cwd() if base_dir is None else Path(base_dir))
     config = Config(
@@ -359,12 +298,11 @@ def parse_config(
         profiles=profiles,
         source=source,
     )
-    if r.problems:
-        raise ConfigError(r.problems)
+    r.done()
     return config
 
 
-def _profiles(r: _Reader, top: Mapping[Any, Any], base_dir: Path) -> tuple[Mapping[str, Profile], bool]:
+def _profiles(r: Checks, top: Mapping[Any, Any], base_dir: Path) -> tuple[Mapping[str, Profile], bool]:
     """The shipped profiles, overridden by name by those in `profiles_dir`."""
     expected = "a directory of profile *.yaml files"
     named = r.get(top, "profiles_dir", "", None, text, expected)
@@ -384,7 +322,7 @@ def _profiles(r: _Reader, top: Mapping[Any, Any], base_dir: Path) -> tuple[Mappi
     return MappingProxyType(profiles), not problems
 
 
-def _server(r: _Reader, value: Any) -> ServerConfig:
+def _server(r: Checks, value: Any) -> ServerConfig:
     d = ServerConfig()
     m = r.mapping(value, "server", ("host", "port", "request_limits", "shutdown_timeout"))
     limits = r.mapping(m.get("request_limits"), "server.request_limits", ("max_body_size",))
@@ -398,12 +336,16 @@ def _server(r: _Reader, value: Any) -> ServerConfig:
     )
 
 
-def _proxy(r: _Reader, value: Any) -> ProxyConfig:
+def _proxy(r: Checks, value: Any) -> ProxyConfig:
     d = ProxyConfig()
-    m = r.mapping(value, "proxy", ("load_balancer", "connection_timeout", "response_timeout", "read_timeout", "retry"))
+    keys = ("load_balancer", "connection_timeout", "response_timeout", "read_timeout", "retry", "queue", "affinity")
+    m = r.mapping(value, "proxy", keys)
     timeout = duration(0, exclusive=True)
     expected = f"{DURATION_EXPECTED}, above zero"
     retry = r.mapping(m.get("retry"), "proxy.retry", ("enabled", "max_attempts"))
+    queue = r.mapping(m.get("queue"), "proxy.queue", ("max_size", "timeout"))
+    affinity = r.mapping(m.get("affinity"), "proxy.affinity", ("enabled", "max_entries", "ttl"))
+    q, a = QueueConfig(), AffinityConfig()
     return ProxyConfig(
         load_balancer=r.get(
             m, "load_balancer", "proxy", d.load_balancer, choice(BALANCERS), f"one of {', '.join(BALANCERS)}"
@@ -417,10 +359,20 @@ def _proxy(r: _Reader, value: Any) -> ProxyConfig:
                 retry, "max_attempts", "proxy.retry", 0, integer(0), "an integer >= 0 (0: every candidate once)"
             ),
         ),
-    )
+        queue=QueueConfig(
+            max_size=r.get(queue, "max_size", "proxy.queue", q.max_size, integer(0),
+                           "an integer >= 0 (0: no queue, 503 at once)"),
+            timeout=r.get(queue, "timeout", "proxy.queue", q.timeout, timeout, expected),
+        ),
+        affinity=AffinityConfig(
+            enabled=r.get(affinity, "enabled", "proxy.affinity", a.enabled, boolean, "true or false"),
+            max_entries=r.get(affinity, "max_entries", "proxy.affinity", a.max_entries, integer(1), "an integer >= 1"),
+            ttl=r.get(affinity, "ttl", "proxy.affinity", a.ttl, timeout, expected),
+        ),
+    )  # fmt: skip
 
 
-def _logging(r: _Reader, value: Any) -> LoggingConfig:
+def _logging(r: Checks, value: Any) -> LoggingConfig:
     m = r.mapping(value, "logging", ("level", "format"))
     return LoggingConfig(
         level=r.get(m, "level", "logging", "info", choice(LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}"),
@@ -428,13 +380,15 @@ def _logging(r: _Reader, value: Any) -> LoggingConfig:
     )
 
 
-def _discovery(r: _Reader, value: Any, profiles: Mapping[str, Profile] | None) -> DiscoveryConfig:
-    m = r.mapping(value, "discovery", ("type", "static", "model_discovery"))
+def _discovery(r: Checks, value: Any, profiles: Mapping[str, Profile] | None) -> DiscoveryConfig:
+    m = r.mapping(value, "discovery", ("type", "static", "model_discovery", "slots_interval"))
     r.get(m, "type", "discovery", "static", choice(("static",)), "static (the only discovery type)")
     static = r.mapping(m.get("static"), "discovery.static", ("endpoints",))
     found = r.mapping(m.get("model_discovery"), "discovery.model_discovery", ("interval",))
     above_zero = f"{DURATION_EXPECTED}, above zero"
     interval = r.get(found, "interval", "discovery.model_discovery", 300.0, duration(0, exclusive=True), above_zero)
+    # llama-server answers /slots on its main loop: polling it much faster slowed generation ~30x.
+    slots_interval = r.get(m, "slots_interval", "discovery", 2.0, duration(1.0), f"{DURATION_EXPECTED}, at least 1s")
     items = static.get("endpoints")
     path = "discovery.static.endpoints"
     if items is not None and not isinstance(items, list):
@@ -442,11 +396,11 @@ def _discovery(r: _Reader, value: Any, profiles: Mapping[str, Profile] | None) -
         items = None
     names, urls = _Unique(r, "name"), _Unique(r, "URL")
     endpoints = [_endpoint(r, item, f"{path}[{i}]", profiles, names, urls) for i, item in enumerate(items or [])]
-    return DiscoveryConfig(tuple(e for e in endpoints if e is not None), interval)
+    return DiscoveryConfig(tuple(e for e in endpoints if e is not None), interval, slots_interval)
 
 
 def _endpoint(
-    r: _Reader, item: Any, path: str, profiles: Mapping[str, Profile] | None, names: _Unique, urls: _Unique
+    r: Checks, item: Any, path: str, profiles: Mapping[str, Profile] | None, names: _Unique, urls: _Unique
 ) -> EndpointConfig | None:
     m = r.mapping(item, path, _ENDPOINT_KEYS)
     if not isinstance(item, Mapping):
@@ -454,10 +408,10 @@ def _endpoint(
     d = EndpointConfig(name="", url="")
     name = r.require(m, "name", path, text, "a unique, non-empty name")
     url = r.require(m, "url", path, base_url, "an http:// or https:// URL with a host, such as http://127.0.0.1:8080")
-    if not isinstance(name, _Bad):
-        names.claim(name, _key(path, "name"), name)
-    if not isinstance(url, _Bad):
-        urls.claim(url_key(url), _key(path, "url"), url)
+    if not isinstance(name, Bad):
+        names.claim(name, key_path(path, "name"), name)
+    if not isinstance(url, Bad):
+        urls.claim(url_key(url), key_path(path, "url"), url)
     kind = r.get(m, "type", path, d.type, text, "a profile name")
     profile = None
     if profiles is not None:
@@ -466,25 +420,26 @@ def _endpoint(
             hint = difflib.get_close_matches(kind, list(profiles), n=1)
             problem = f"unknown endpoint type (did you mean {hint[0]}?)" if hint else "unknown endpoint type"
             loaded = ", ".join(sorted(profiles)) or "none loaded"
-            r.bad(_key(path, "type"), problem, kind, f"a loaded profile: {loaded}")
+            r.bad(key_path(path, "type"), problem, kind, f"a loaded profile: {loaded}")
     interval = r.get(
         m, "check_interval", path, d.check_interval, duration(0.1), f"{DURATION_EXPECTED}, at least 100ms"
     )
     timeout = min(d.check_timeout, interval / 2)  # a short check_interval alone stays valid
     if "check_timeout" in m:
-        here = _key(path, "check_timeout")
+        here = key_path(path, "check_timeout")
         given = r.check(m["check_timeout"], here, duration(0, exclusive=True), f"{DURATION_EXPECTED}, above zero")
-        if not isinstance(given, _Bad) and given >= interval:
+        if not isinstance(given, Bad) and given >= interval:
             below = f"a duration below check_interval ({interval:g}s)"
             r.bad(here, "not less than check_interval", m["check_timeout"], below)
-        elif not isinstance(given, _Bad):
+        elif not isinstance(given, Bad):
             timeout = given
     expected_target = "a path such as /health (joined to url) or an absolute http(s) URL"
     model_url = r.get(m, "model_url", path, None, target_url, expected_target)
     health_url = r.get(m, "health_check_url", path, None, target_url, expected_target)
     priority = r.get(m, "priority", path, d.priority, integer(0), "an integer >= 0 (higher is preferred)")
-    headers = _headers(r, m.get("headers"), _key(path, "headers"))
-    if isinstance(name, _Bad) or isinstance(url, _Bad):
+    slots = r.get(m, "slots", path, None, integer(1), "an integer >= 1 (llama-server's -np)")
+    headers = _headers(r, m.get("headers"), key_path(path, "headers"))
+    if isinstance(name, Bad) or isinstance(url, Bad):
         return None
     if profile is not None:
         model_url = model_url or profile.models_path
@@ -498,11 +453,12 @@ def _endpoint(
         health_check_url=join_url(url, health_url) if health_url else None,
         check_interval=interval,
         check_timeout=timeout,
+        slots=slots,
         headers=headers,
     )
 
 
-def _headers(r: _Reader, value: Any, path: str) -> Mapping[str, str]:
+def _headers(r: Checks, value: Any, path: str) -> Mapping[str, str]:
     expected = "a mapping of header name -> string value"
     if value is None:
         return MappingProxyType({})
@@ -512,7 +468,7 @@ def _headers(r: _Reader, value: Any, path: str) -> Mapping[str, str]:
     headers: dict[str, str] = {}
     seen: set[str] = set()
     for name, raw in value.items():
-        here = _key(path, name)
+        here = key_path(path, name)
         if not isinstance(name, str) or not HEADER_NAME_PATTERN.fullmatch(name):
             r.bad(here, "bad header name", name, "an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
         elif name.lower() in MANAGED_HEADERS:
@@ -522,7 +478,7 @@ def _headers(r: _Reader, value: Any, path: str) -> Mapping[str, str]:
         else:
             seen.add(name.lower())
             checked = r.check(raw, here, header_value, "a non-empty string on one line", secret=True)
-            if not isinstance(checked, _Bad):
+            if not isinstance(checked, Bad):
                 headers[name] = checked
     return MappingProxyType(headers)
 
@@ -530,7 +486,7 @@ def _headers(r: _Reader, value: Any, path: str) -> Mapping[str, str]:
 class _Unique:
     """Reports the second and later endpoints that claim the same name or URL."""
 
-    def __init__(self, r: _Reader, what: str) -> None:
+    def __init__(self, r: Checks, what: str) -> None:
         self.r, self.what = r, what
         self.first: dict[Hashable, str] = {}
 
@@ -540,7 +496,7 @@ class _Unique:
             self.r.bad(path, f"duplicate {self.what} (also at {first})", got, f"a {self.what} no other endpoint uses")
 
 
-def _aliases(r: _Reader, value: Any, path: str) -> Mapping[str, tuple[str, ...]]:
+def _aliases(r: Checks, value: Any, path: str) -> Mapping[str, tuple[str, ...]]:
     if value is None:
         return MappingProxyType({})
     if not isinstance(value, Mapping):
@@ -548,7 +504,7 @@ def _aliases(r: _Reader, value: Any, path: str) -> Mapping[str, tuple[str, ...]]
         return MappingProxyType({})
     aliases: dict[str, tuple[str, ...]] = {}
     for alias, ids in value.items():
-        here = _key(path, alias)
+        here = key_path(path, alias)
         if not isinstance(alias, str) or not alias.strip() or alias != alias.strip():
             r.bad(here, "bad alias name", alias, "a non-empty string without surrounding whitespace")
             continue
@@ -558,7 +514,7 @@ def _aliases(r: _Reader, value: Any, path: str) -> Mapping[str, tuple[str, ...]]
             continue
         expected = "a non-empty model id without surrounding whitespace"
         checked = [r.check(model, f"{here}[{i}]", text, expected) for i, model in enumerate(ids)]
-        good = [m for m in checked if not isinstance(m, _Bad)]
+        good = [m for m in checked if not isinstance(m, Bad)]
         for i, model in enumerate(good):
             if model in good[:i]:
                 r.bad(here, "model listed twice", model, "each model id once")

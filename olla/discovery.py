@@ -1,7 +1,8 @@
 """Discovery: learn each endpoint's model ids, aliases, context and slots.
 
-Runs on an endpoint's first healthy probe, on every recovery, and every
-`discovery.model_discovery.interval`. `/v1/models` is required; `/props` is
+Models and totals: on an endpoint's first healthy probe, on every recovery, and
+every `discovery.model_discovery.interval`. Busy slots: `/slots` every
+`discovery.slots_interval` (see `run_slots`). `/v1/models` is required; `/props` is
 optional (an instance behind an API key the router lacks, or an older build,
 still routes by its model list).
 """
@@ -101,3 +102,28 @@ async def run(registry: Registry, upstream: Upstream, endpoint: Endpoint, profil
         registry.record_discovery(endpoint, found, time.monotonic())
         log.info("discovered", extra={"endpoint": endpoint.name, "models": list(found.models),
                                       "total_slots": found.total_slots})  # fmt: skip
+
+
+SLOTS_TIMEOUT = 2.0
+UNREADABLE_BACKOFF = 10  # an endpoint whose /slots is off or refused is asked this many times less often
+
+
+async def run_slots(registry: Registry, upstream: Upstream, endpoint: Endpoint, profile: Profile, interval: float) -> None:
+    """Reconcile busy slots with `/slots` every `interval` while the endpoint is routable.
+
+    llama-server answers /slots on its main loop, so it is never polled faster
+    than about once a second (much faster polling was seen to slow generation
+    about 30 times).
+    """
+    url = endpoint.url_for(None, profile.slots_path)
+    while True:
+        unreadable = endpoint.slots.readable is False
+        await asyncio.sleep(interval * (UNREADABLE_BACKOFF if unreadable else 1))
+        if not endpoint.routable:
+            continue
+        own_before = endpoint.slots.own
+        try:
+            status, listing = await upstream.get_json(endpoint, url, SLOTS_TIMEOUT)
+        except UpstreamError:
+            continue
+        registry.record_slots(endpoint, listing if status == 200 else None, own_before)

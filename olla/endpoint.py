@@ -18,9 +18,12 @@ import enum
 from dataclasses import dataclass, field
 
 from olla.config import EndpointConfig
+from olla.slots import Slots
 
 OFFLINE_BACKOFF_CAP = 30.0
 LOADING_RECHECK = 1.0
+SPEED_WEIGHT = 0.2  # of the newest measurement in the moving averages
+TYPICAL_TOKENS = 64  # a reply length, to weigh time to first byte against tokens per second
 
 
 class Health(enum.StrEnum):
@@ -77,7 +80,9 @@ class Endpoint:
     in_flight: int = 0
     requests: int = 0
     errors: int = 0
-    busy_slots: int = 0
+    slots: Slots = field(default_factory=Slots)
+    ttfb: float | None = None  # moving average, seconds
+    tokens_per_second: float | None = None  # moving average over streamed replies
     _served: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @property
@@ -96,6 +101,19 @@ class Endpoint:
     @property
     def total_slots(self) -> int | None:
         return self.discovery.total_slots if self.discovery else None
+
+    def record_speed(self, ttfb: float, tokens_per_second: float | None) -> None:
+        self.ttfb = ttfb if self.ttfb is None else self.ttfb + SPEED_WEIGHT * (ttfb - self.ttfb)
+        if tokens_per_second:
+            old = self.tokens_per_second
+            self.tokens_per_second = tokens_per_second if old is None else old + SPEED_WEIGHT * (tokens_per_second - old)
+
+    def pace(self) -> float:
+        """Expected seconds for a typical reply from recent measurements; 0 while unmeasured, so new ones get tried."""
+        seconds = self.ttfb or 0.0
+        if self.tokens_per_second:
+            seconds += TYPICAL_TOKENS / self.tokens_per_second
+        return seconds
 
     def record_probe(self, probe: Probe, now: float) -> bool:
         """Apply one probe; True when the endpoint has just become healthy (a recovery)."""
@@ -123,6 +141,7 @@ class Endpoint:
     def record_discovery(self, discovery: Discovery, now: float) -> None:
         self.discovery = discovery
         self.discovered_at = now
+        self.slots.reported = discovery.total_slots
         names = set(discovery.models)
         names.update(base_name(m) for m in discovery.models)
         if discovery.model_path:

@@ -11,6 +11,7 @@
         ├── MethodNotAllowed        405    method_not_allowed    invalid_request_error
         ├── BodyTooLarge            413    request_too_large     invalid_request_error
         ├── NoHealthyEndpoint       503    no_healthy_endpoint   server_error  (Retry-After)
+        ├── SlotsExhausted          503    slots_exhausted       server_error  (Retry-After)
         └── UpstreamError           502    upstream_error        server_error
             ├── UpstreamUnreachable 502    backend_unreachable   server_error
             ├── UpstreamTimeout     504    backend_timeout       server_error
@@ -93,6 +94,18 @@ class NoHealthyEndpoint(RequestFailed):
     code = "no_healthy_endpoint"
     type = "server_error"
     retry_after = 5
+
+
+class SlotsExhausted(RequestFailed):
+    """The router's queue for a model was full, or a request waited in it too long."""
+
+    status = 503
+    code = "slots_exhausted"
+    type = "server_error"
+    retry_after = 2
+
+    def __init__(self, message: str = "All slots are busy. Please try again later.") -> None:
+        super().__init__(message)
 
 
 class UpstreamError(RequestFailed):

@@ -48,7 +48,20 @@ class Metrics:
             "olla_health_check_duration_seconds", "Duration of active health checks",
             ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.slots = Gauge("olla_endpoint_slots", "llama.cpp slots an endpoint reported", ["endpoint"], registry=r)
+        self.slots = Gauge("olla_endpoint_slots", "llama.cpp slots an endpoint has", ["endpoint"], registry=r)
+        self.busy_slots = Gauge(
+            "olla_endpoint_busy_slots", "Busy slots: the router's own requests plus other clients' seen in /slots",
+            ["endpoint"], registry=r,
+        )  # fmt: skip
+        self.queue_length = Gauge("olla_queue_length", "Requests waiting in the router for a slot", ["model"], registry=r)
+        self.queue_wait = Histogram(
+            "olla_queue_wait_seconds", "Time requests waited in the router for a slot",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_rejected = Counter(
+            "olla_queue_rejected", "Requests answered 503 slots_exhausted, by reason (full, timeout)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
 
     def declare(self, endpoints: Iterable[str]) -> None:
         """Create every endpoint's series up front, so a dashboard sees zeros rather than gaps."""

@@ -4,18 +4,18 @@ A profile file (`profiles/*.yaml`) becomes a frozen `Profile` through `parse_pro
 This module is a pure leaf that never reads a file: `config.py` is the only module
 that imports yaml, and it needs `Profile` to check each endpoint's `type`. So
 `config.py` reads the profile files and calls `parse_profile`, and the imports run
-config -> profiles -> errors. Profiles therefore sit *below* config, not beside it.
+config -> profiles -> checks -> errors. Profiles therefore sit *below* config, not beside it.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from olla.checks import Bad, Checks, key_path
 from olla.errors import ConfigError
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -46,6 +46,7 @@ class Profile:
     metrics_path: str = "/metrics"
     model_field: str = "model"
     model_header: str = "X-Olla-Model"
+    default_slots: int = 4  # slots assumed for an endpoint that reports none and configures none
     version: str = "1.0"
     description: str = ""
     source: str = "<code>"
@@ -54,7 +55,7 @@ class Profile:
         return self.routes.get(path)
 
 
-_TOP_KEYS = ("name", "version", "description", "routing", "api", "request")
+_TOP_KEYS = ("name", "version", "description", "default_slots", "routing", "api", "request")
 _ROUTING_KEYS = ("prefixes",)
 _PREFIX_KEYS = ("name", "enabled")
 _PREFIX_EXPECTED = "a prefix of letters, digits, '.', '_' or '-'"
@@ -74,45 +75,52 @@ _API_KEYS = (*_API_FIELDS, "routes")
 
 def parse_profile(data: Any, source: str) -> Profile:
     """Validate one profile document; raises ConfigError listing every problem in it."""
-    check = _Check(source)
+    check = Checks(source)
     top = check.mapping(data, "", _TOP_KEYS)
     if not isinstance(data, Mapping):
         raise ConfigError(check.problems)
-    name = check.text(top, "name", "", None, NAME_PATTERN, "a name of letters, digits, '.', '_' or '-'")
+    name = check.require(top, "name", "", _string(NAME_PATTERN), "a name of letters, digits, '.', '_' or '-'")
     version = top.get("version", "1.0")
     if isinstance(version, bool) or not isinstance(version, (str, int, float)):
         check.bad("version", "wrong type", version, "a version string such as '1.0'")
-    description = check.text(top, "description", "", "", None, "a string")
+    description = check.get(top, "description", "", "", _string(None), "a string")
+    default_slots = check.get(top, "default_slots", "", Profile.default_slots, _positive, "an integer >= 1")
 
     routing = check.mapping(top.get("routing"), "routing", _ROUTING_KEYS)
     prefixes = _prefixes(check, routing.get("prefixes"), "routing.prefixes")
 
-    api = check.mapping(top.get("api"), "api", _API_KEYS)
+    api = check.mapping(top.get("api"), "api", _API_KEYS, _RENAMED)
     paths = {
-        attr: check.text(api, key, "api", getattr(Profile, attr), _PATH_PATTERN, "a path starting with '/'")
+        attr: check.get(api, key, "api", getattr(Profile, attr), _string(_PATH_PATTERN), "a path starting with '/'")
         for key, attr in _API_FIELDS.items()
     }
     routes = _routes(check, api.get("routes"), "api.routes")
 
-    request = check.mapping(top.get("request"), "request", _REQUEST_KEYS)
-    model_field = check.text(request, "model_field", "request", Profile.model_field, None, "a JSON field name")
-    model_header = check.text(
-        request, "model_header", "request", Profile.model_header, HEADER_NAME_PATTERN, "an HTTP header name"
+    request = check.mapping(top.get("request"), "request", _REQUEST_KEYS, _RENAMED)
+    model_field = check.get(request, "model_field", "request", Profile.model_field, _string(None), "a JSON field name")
+    model_header = check.get(
+        request, "model_header", "request", Profile.model_header, _string(HEADER_NAME_PATTERN), "an HTTP header name"
     )
 
-    if check.problems:
-        raise ConfigError(check.problems)
+    check.done()
     return Profile(
         name=str(name),
         prefixes=prefixes,
         routes=MappingProxyType(routes),
         model_field=str(model_field),
         model_header=str(model_header),
+        default_slots=int(default_slots),
         version=str(version),
         description=str(description),
         source=source,
         **{attr: str(value) for attr, value in paths.items()},
     )
+
+
+def _positive(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("not an integer >= 1")
+    return value
 
 
 def prefix_conflicts(profiles: Mapping[str, Profile]) -> list[str]:
@@ -130,7 +138,7 @@ def prefix_conflicts(profiles: Mapping[str, Profile]) -> list[str]:
     return problems
 
 
-def _prefixes(check: _Check, value: Any, path: str) -> tuple[str, ...]:
+def _prefixes(check: Checks, value: Any, path: str) -> tuple[str, ...]:
     expected = "a list of prefix names or {name, enabled} mappings"
     if not isinstance(value, list) or not value:
         check.absent(path, value, expected)
@@ -142,7 +150,7 @@ def _prefixes(check: _Check, value: Any, path: str) -> tuple[str, ...]:
         here = f"{path}[{index}]"
         if isinstance(item, Mapping):
             entry = check.mapping(item, here, _PREFIX_KEYS)
-            name = check.text(entry, "name", here, None, NAME_PATTERN, _PREFIX_EXPECTED)
+            name = check.require(entry, "name", here, _string(NAME_PATTERN), _PREFIX_EXPECTED)
             on = entry.get("enabled", True)
             if not isinstance(on, bool):
                 check.bad(f"{here}.enabled", "wrong type", on, "true or false")
@@ -151,7 +159,7 @@ def _prefixes(check: _Check, value: Any, path: str) -> tuple[str, ...]:
         else:
             check.bad(here, "bad prefix", item, f"{_PREFIX_EXPECTED}, or a {{name, enabled}} mapping")
             continue
-        if name is None:
+        if isinstance(name, Bad):
             continue
         if name in seen:
             check.bad(here, "duplicate prefix", name, "each prefix listed once")
@@ -163,14 +171,14 @@ def _prefixes(check: _Check, value: Any, path: str) -> tuple[str, ...]:
     return tuple(enabled)
 
 
-def _routes(check: _Check, value: Any, path: str) -> dict[str, Route]:
+def _routes(check: Checks, value: Any, path: str) -> dict[str, Route]:
     expected = "a mapping of path -> {methods, takes_slot, model_from_body}"
     if not isinstance(value, Mapping) or not value:
         check.absent(path, value, expected)
         return {}
     routes: dict[str, Route] = {}
     for route_path, spec in value.items():
-        here = _key(path, route_path)
+        here = key_path(path, route_path)
         if not isinstance(route_path, str) or not _PATH_PATTERN.fullmatch(route_path) or "?" in route_path:
             check.bad(here, "bad route path", route_path, "a path starting with '/', without query or spaces")
             continue
@@ -185,7 +193,7 @@ def _routes(check: _Check, value: Any, path: str) -> dict[str, Route]:
     return routes
 
 
-def _methods(check: _Check, value: Any, path: str) -> frozenset[str]:
+def _methods(check: Checks, value: Any, path: str) -> frozenset[str]:
     expected = f"a non-empty list of {', '.join(sorted(HTTP_METHODS))}"
     if not isinstance(value, list) or not value:
         check.absent(path, value, expected)
@@ -199,60 +207,14 @@ def _methods(check: _Check, value: Any, path: str) -> frozenset[str]:
     return frozenset(methods)
 
 
-_NOTHING = object()
+def _string(pattern: re.Pattern[str] | None) -> Callable[[Any], str]:
+    """A converter for Checks: a string, matching `pattern` in full when there is one."""
 
-
-class _Check:
-    """Collects every problem in one profile document, each naming file, key path, value and expectation."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def bad(self, path: str, problem: str, got: Any, expected: str) -> None:
-        shown = "nothing" if got is _NOTHING else repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
-        self.problems.append(f"{self.source}: {path or '(document)'}: {problem}: got {shown}; expected {expected}")
-
-    def absent(self, path: str, value: Any, expected: str) -> None:
-        """A required list or mapping that is missing, empty or of the wrong type."""
-        empty = value is None or (isinstance(value, (list, Mapping)) and not value)
-        self.bad(path, "missing or empty" if empty else "wrong type", _NOTHING if value is None else value, expected)
-
-    def mapping(self, value: Any, path: str, keys: tuple[str, ...]) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.bad(path, "wrong type", value, f"a mapping with keys {', '.join(keys)}")
-            return {}
-        for key in value:
-            if key not in keys:
-                hint = [_RENAMED[key]] if _RENAMED.get(key) in keys else difflib.get_close_matches(str(key), keys, n=1)
-                problem = f"unknown key (did you mean {hint[0]}?)" if hint else "unknown key"
-                self.bad(_key(path, key), problem, key, f"one of {', '.join(keys)}")
+    def convert(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("wrong type")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise ValueError("bad value")
         return value
 
-    def text(
-        self,
-        data: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: str | None,
-        pattern: re.Pattern[str] | None,
-        expected: str,
-    ) -> str | None:
-        here = _key(path, key)
-        if key not in data:
-            if default is None:
-                self.bad(here, "missing required key", _NOTHING, expected)
-            return default
-        value = data[key]
-        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
-            self.bad(here, "wrong type" if not isinstance(value, str) else "bad value", value, expected)
-            return default
-        return value
-
-
-def _key(path: str, key: Any) -> str:
-    if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
-        return f"{path}.{key}" if path else key
-    return f"{path}[{key!r}]"
+    return convert

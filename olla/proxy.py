@@ -1,8 +1,10 @@
 """The request path: match an allowed route, resolve the model, run attempts, stream the answer back.
 
-Failover happens only before the response is prepared: once a byte has gone to
-the client an attempt is final. A stream that breaks afterwards ends with an
-SSE `error` event (or a cut connection for non-SSE bodies) so the client knows.
+A request that takes a llama.cpp slot claims one through the router's queue
+before its attempt and gives it back when the attempt ends. Failover happens
+only before the response is prepared: once a byte has gone to the client an
+attempt is final. A stream that breaks afterwards ends with an SSE `error`
+event (or a cut connection for non-SSE bodies) so the client knows.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from olla.affinity import AffinityMap, Keys, keys_for
 from olla.balancer import Balancer
 from olla.config import Config
 from olla.endpoint import Endpoint, Outcome
@@ -26,28 +30,41 @@ from olla.exchange import EXCHANGE, VIA, Exchange
 from olla.metrics import Metrics
 from olla.profiles import Profile, Route
 from olla.registry import Pool, Registry
+from olla.slotqueue import SlotQueue
 from olla.upstream import Upstream, request_headers, response_headers
 
 READ_CHUNK = 64 * 1024
+SESSION_HEADER = "X-Olla-Session-ID"
+
+
+@dataclass
+class Plan:
+    """What one request needs for its attempts."""
+
+    profile: Profile
+    route: Route
+    pool: Pool
+    path_qs: str
+    body: bytes
+    streaming: bool
+    keys: Keys | None = None
+    preferred: Endpoint | None = None
 
 
 class Proxy:
     def __init__(
-        self, config: Config, registry: Registry, upstream: Upstream, balancer: Balancer, metrics: Metrics
-    ) -> None:
+        self, config: Config, registry: Registry, upstream: Upstream, balancer: Balancer, metrics: Metrics,
+        queue: SlotQueue, affinity: AffinityMap | None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.registry = registry
         self.upstream = upstream
         self.balancer = balancer
         self.metrics = metrics
+        self.queue = queue
+        self.affinity = affinity
         retry = config.proxy.retry
         self.max_attempts = (retry.max_attempts or len(registry) or 1) if retry.enabled else 1
-
-    def handler(self, profile: Profile):  # type: ignore[no-untyped-def]
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await self.handle(request, profile)
-
-        return handle
 
     async def handle(self, request: web.Request, profile: Profile) -> web.StreamResponse:
         exchange = request[EXCHANGE]
@@ -55,15 +72,20 @@ class Proxy:
         route = self._route(profile, path, request.method)
         exchange.route = route.path
         body = await self._read_body(request)
-        document = self._document(body)
-        model = self._model(request, profile, route, document)
-        exchange.model = model
-        pool = self.registry.pool(model, profile.name)
+        document = _document(body)
+        exchange.model = self._model(request, profile, route, document)
+        pool = self.registry.pool(exchange.model, profile.name)
         exchange.model = pool.model
         exchange.routing = {"Strategy": self.balancer.name, "Decision": "rejected", "Reason": "model_unavailable"}
-        path_qs = path + (f"?{request.query_string}" if request.query_string else "")
-        streaming = isinstance(document, dict) and document.get("stream") is True
-        return await self._attempts(request, exchange, profile, pool, path_qs, body, streaming)
+        plan = Plan(
+            profile, route, pool, path + (f"?{request.query_string}" if request.query_string else ""), body,
+            streaming=isinstance(document, dict) and document.get("stream") is True,
+        )  # fmt: skip
+        if self.affinity is not None and route.takes_slot:
+            plan.keys = keys_for(pool.model, route.path, document, request.headers.get(SESSION_HEADER))
+            name = self.affinity.find(plan.keys, time.monotonic()) if plan.keys else None
+            plan.preferred = self.registry.endpoints.get(name) if name else None
+        return await self._attempts(request, exchange, plan)
 
     def _route(self, profile: Profile, path: str, method: str) -> Route:
         route = profile.route(path)
@@ -88,53 +110,54 @@ class Proxy:
         return b"".join(chunks)
 
     @staticmethod
-    def _document(body: bytes) -> object:
-        if not body:
-            return None
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(f"request body is not valid JSON: {exc}") from exc
-
-    def _model(self, request: web.Request, profile: Profile, route: Route, document: object) -> str | None:
+    def _model(request: web.Request, profile: Profile, route: Route, document: object) -> str | None:
         model = None
         if route.model_from_body and isinstance(document, dict):
             value = document.get(profile.model_field)
             model = value if isinstance(value, str) and value else None
         return model or request.headers.get(profile.model_header) or None
 
-    async def _attempts(
-        self, request: web.Request, exchange: Exchange, profile: Profile, pool: Pool, path_qs: str, body: bytes, streaming: bool
-    ) -> web.StreamResponse:
+    async def _choose(self, plan: Plan, tried: list[Endpoint]) -> Endpoint | None:
+        """The next endpoint to try (with a slot claimed when the route takes one), or None when none is left."""
+        tiers = plan.pool.tiers(tried)
+        if not tiers:
+            return None
+        if plan.route.takes_slot:
+            return await self.queue.acquire(plan.pool, tried, plan.preferred)
+        return self.balancer.pick(tiers, None, need_slot=False)
+
+    async def _attempts(self, request: web.Request, exchange: Exchange, plan: Plan) -> web.StreamResponse:
         deadline = exchange.started + self.config.proxy.response_timeout
         tried: list[Endpoint] = []
         failures: list[UpstreamError] = []
-        while len(tried) < self.max_attempts and (candidates := pool.candidates(exclude=tried)):
-            endpoint = self.balancer.pick(candidates)
+        while len(tried) < self.max_attempts and (endpoint := await self._choose(plan, tried)) is not None:
             tried.append(endpoint)
             exchange.attempts += 1
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
             self._enter(endpoint)
             try:
-                upstream = await self.upstream.send(endpoint, request.method, path_qs, headers, body, deadline, streaming)
+                upstream = await self.upstream.send(
+                    endpoint, request.method, plan.path_qs, headers, plan.body, deadline, plan.streaming
+                )
             except UpstreamError as exc:
-                self._leave(endpoint)
+                self._leave(endpoint, plan)
                 outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE
                 self.registry.record_outcome(endpoint, outcome, exc.message)
+                self.queue.wake()  # an ejected endpoint may leave waiters with nothing to wait for
                 self.metrics.retries.labels(endpoint.name, exc.code).inc()
                 failures.append(exc)
                 if isinstance(exc, UpstreamTimeout) and time.monotonic() >= deadline:
                     break
                 continue
             except BaseException:
-                self._leave(endpoint)
+                self._leave(endpoint, plan)
                 raise
             try:
-                return await self._relay(request, exchange, profile, pool, endpoint, upstream, deadline)
+                return await self._relay(request, exchange, plan, endpoint, upstream, deadline)
             finally:
-                self._leave(endpoint)
+                self._leave(endpoint, plan)
         if not failures:
-            raise NoHealthyEndpoint(pool.unavailable_reason())
+            raise NoHealthyEndpoint(plan.pool.unavailable_reason())
         exchange.routing["Reason"] = "all_attempts_failed"
         raise _summary(failures)
 
@@ -143,32 +166,41 @@ class Proxy:
         endpoint.requests += 1
         self.metrics.in_flight.labels(endpoint.name).inc()
 
-    def _leave(self, endpoint: Endpoint) -> None:
+    def _leave(self, endpoint: Endpoint, plan: Plan) -> None:
         endpoint.in_flight -= 1
         self.metrics.in_flight.labels(endpoint.name).dec()
+        if plan.route.takes_slot:
+            self.queue.release(endpoint)
 
     async def _relay(
-        self, request: web.Request, exchange: Exchange, profile: Profile, pool: Pool,
-        endpoint: Endpoint, upstream: aiohttp.ClientResponse, deadline: float,
+        self, request: web.Request, exchange: Exchange, plan: Plan, endpoint: Endpoint,
+        upstream: aiohttp.ClientResponse, deadline: float,
     ) -> web.StreamResponse:  # fmt: skip
         now = time.monotonic()
         exchange.ttfb = now - exchange.started
         exchange.endpoint = endpoint.name
         exchange.model_id = endpoint.discovery.models[0] if endpoint.discovery else None
-        exchange.routing["Decision"] = "routed" if exchange.attempts == 1 else "fallback"
-        exchange.routing["Reason"] = "model_found" if exchange.attempts == 1 else f"failover_after_{exchange.attempts - 1}"
+        first = exchange.attempts == 1
+        exchange.routing["Decision"] = "routed" if first else "fallback"
+        exchange.routing["Reason"] = "model_found" if first else f"failover_after_{exchange.attempts - 1}"
         self.metrics.ttfb.labels(endpoint.name).observe(exchange.ttfb)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(response_headers(upstream.headers))
-        response.headers.update(olla_headers(exchange, profile, endpoint, pool))
+        response.headers.update(olla_headers(exchange, plan.profile, endpoint, plan.pool))
+        if self.affinity is not None and plan.route.takes_slot:
+            response.headers["X-Olla-Affinity"] = _affinity(plan.preferred, endpoint)
+            if plan.keys is not None and upstream.status < 400:
+                self.affinity.remember(plan.keys, endpoint.name, now)
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         exchange.status = upstream.status
         await response.prepare(request)
+        events = 0
         try:
             async with contextlib.aclosing(self.upstream.body(endpoint, upstream, deadline)) as chunks:
                 async for chunk in chunks:
                     await response.write(chunk)
                     exchange.bytes_sent += len(chunk)
+                    events += chunk.count(b"\n\n")
         except UpstreamBroken as exc:
             self.registry.record_outcome(endpoint, Outcome.BROKEN, exc.message)
             if not is_sse:
@@ -178,8 +210,26 @@ class Proxy:
             exchange.bytes_sent += len(event)
         else:
             self.registry.record_outcome(endpoint, Outcome.OK)
+            if is_sse and upstream.status == 200:
+                streamed = time.monotonic() - now
+                endpoint.record_speed(exchange.ttfb, events / streamed if events > 1 and streamed > 0 else None)
         await response.write_eof()
         return response
+
+
+def _document(body: bytes) -> object:
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from exc
+
+
+def _affinity(preferred: Endpoint | None, served: Endpoint) -> str:
+    if preferred is None:
+        return "miss"
+    return "hit" if preferred is served else "moved"
 
 
 def olla_headers(exchange: Exchange, profile: Profile, endpoint: Endpoint, pool: Pool) -> Mapping[str, str]:

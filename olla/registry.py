@@ -2,14 +2,14 @@
 
 A model resolves through, in order: an endpoint's id or alias from /v1/models,
 the file name of a path id (`x.gguf` matches `/models/x.gguf`), and the
-configured `model_aliases`. The pool is every endpoint serving the model; the
-candidates are its routable members in the best priority tier that has any.
+configured `model_aliases`. The pool is every endpoint serving the model; its
+tiers are its routable members grouped by priority, best first.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from olla.config import EndpointConfig
@@ -24,14 +24,14 @@ class Pool:
     model: str
     members: tuple[Endpoint, ...]
 
-    def candidates(self, exclude: Iterable[Endpoint] = ()) -> list[Endpoint]:
-        """Routable members in the best priority tier that has any, minus those already tried."""
+    def tiers(self, exclude: Iterable[Endpoint] = ()) -> list[list[Endpoint]]:
+        """Routable members not yet tried, grouped by priority, best tier first."""
         skip = set(map(id, exclude))
-        routable = [e for e in self.members if e.routable and id(e) not in skip]
-        if not routable:
-            return []
-        best = max(e.config.priority for e in routable)
-        return [e for e in routable if e.config.priority == best]
+        by_priority: dict[int, list[Endpoint]] = {}
+        for e in self.members:
+            if e.routable and id(e) not in skip:
+                by_priority.setdefault(e.config.priority, []).append(e)
+        return [by_priority[p] for p in sorted(by_priority, reverse=True)]
 
     def unavailable_reason(self) -> str:
         states = ", ".join(f"{e.name}={e.health}" for e in self.members)
@@ -39,11 +39,18 @@ class Pool:
 
 
 class Registry:
-    def __init__(self, endpoints: Sequence[EndpointConfig], aliases: Mapping[str, Sequence[str]] = {}) -> None:
+    def __init__(
+        self, endpoints: Sequence[EndpointConfig], aliases: Mapping[str, Sequence[str]] = {},
+        default_slots: Mapping[str, int] = {},
+    ) -> None:  # fmt: skip
         self.endpoints: dict[str, Endpoint] = {c.name: Endpoint(c) for c in endpoints}
+        for endpoint in self.endpoints.values():
+            endpoint.slots.configured = endpoint.config.slots
+            endpoint.slots.default = default_slots.get(endpoint.config.type, endpoint.slots.default)
         self.aliases = {alias: tuple(ids) for alias, ids in aliases.items()}
         self._discover = {name: asyncio.Event() for name in self.endpoints}
         self.changed = asyncio.Event()  # set on any health change; waited on by tests and status
+        self.listeners: list[Callable[[Endpoint], None]] = []  # told when an endpoint's capacity may have changed
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.endpoints.values())
@@ -57,26 +64,34 @@ class Registry:
         before = endpoint.health
         recovered = endpoint.record_probe(probe, now)
         if endpoint.health is not before:
-            self._signal_change()
+            self._signal_change(endpoint)
         return recovered
 
     def record_discovery(self, endpoint: Endpoint, discovery: Discovery, now: float) -> None:
         endpoint.record_discovery(discovery, now)
-        self._signal_change()
+        self._signal_change(endpoint)
 
     def record_outcome(self, endpoint: Endpoint, outcome: Outcome, detail: str = "") -> bool:
         ejected = endpoint.record_outcome(outcome, detail)
         if ejected:
-            self._signal_change()
+            self._signal_change(endpoint)
         return ejected
+
+    def record_slots(self, endpoint: Endpoint, listing: object, own_before: int) -> None:
+        """A /slots reading (or None when /slots is off or refused)."""
+        freed = endpoint.slots.reconcile(listing, own_before) if listing is not None else endpoint.slots.unreadable()
+        if freed:
+            self._signal_change(endpoint)
 
     def discovery_event(self, endpoint: Endpoint) -> asyncio.Event:
         """Set when the endpoint should be (re)discovered: first health and every recovery."""
         return self._discover[endpoint.name]
 
-    def _signal_change(self) -> None:
+    def _signal_change(self, endpoint: Endpoint) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+        for listener in self.listeners:
+            listener(endpoint)
 
     # --- reading --------------------------------------------------------------------
 

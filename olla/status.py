@@ -13,6 +13,7 @@ from olla import __version__
 from olla.endpoint import Endpoint
 from olla.metrics import CONTENT_TYPE, Metrics
 from olla.registry import Registry
+from olla.slotqueue import SlotQueue
 
 JSON_HEADERS = {"Cache-Control": "no-store"}
 
@@ -32,9 +33,10 @@ def safe_url(url: str) -> str:
 
 
 class Status:
-    def __init__(self, registry: Registry, metrics: Metrics, backend_type: str = "llamacpp") -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, queue: SlotQueue, backend_type: str = "llamacpp") -> None:
         self.registry = registry
         self.metrics = metrics
+        self.queue = queue
         self.backend_type = backend_type
         self.started = time.time()
         self.started_monotonic = time.monotonic()
@@ -53,8 +55,10 @@ class Status:
             "last_check_latency_ms": round(e.last_latency * 1000, 1) if e.last_latency is not None else None,
             "consecutive_failures": max(e.probe_failures, e.breaker_failures),
             "models": list(d.models) if d else [],
-            "total_slots": d.total_slots if d else None,
-            "busy_slots": e.busy_slots if d and d.total_slots is not None else None,
+            "total_slots": e.slots.total,
+            "busy_slots": e.slots.busy,
+            "slots_source": e.slots.source,
+            "pace_ms": round(e.pace() * 1000, 1) if e.ttfb is not None else None,
             "n_ctx": d.n_ctx if d else None,
             "in_flight": e.in_flight,
             "requests": e.requests,
@@ -78,6 +82,14 @@ class Status:
     async def models(self, request: web.Request) -> web.Response:
         return _json({"models": self._models()})
 
+    def _queue(self, endpoints: list[Endpoint]) -> dict[str, Any]:
+        for waitlist in self.queue.waitlists.values():
+            if set(waitlist.pool.members) == set(endpoints):
+                return {"length": len(waitlist.waiters), "waited": waitlist.waited, "rejected": waitlist.rejected,
+                        "mean_wait_ms": round(waitlist.wait_seconds / waitlist.waited * 1000, 1)
+                        if waitlist.waited else None}  # fmt: skip
+        return {"length": 0, "waited": 0, "rejected": 0, "mean_wait_ms": None}
+
     def _models(self) -> list[dict[str, Any]]:
         out = []
         for model, endpoints in sorted(self.registry.models().items()):
@@ -89,8 +101,9 @@ class Status:
                 "n_ctx_train": d.n_ctx_train if d else None,
                 "size": d.size if d else None,
                 "n_params": d.n_params if d else None,
-                "endpoints": [{"name": e.name, "status": e.health.value, "priority": e.config.priority}
-                              for e in endpoints],
+                "endpoints": [{"name": e.name, "status": e.health.value, "priority": e.config.priority,
+                               "total_slots": e.slots.total, "busy_slots": e.slots.busy} for e in endpoints],
+                "queue": self._queue(endpoints),
             })  # fmt: skip
         return out
 
@@ -118,6 +131,6 @@ class Status:
     async def prometheus(self, request: web.Request) -> web.Response:
         for e in self.registry:
             self.metrics.health.labels(e.name).state(e.health.value)
-            if e.total_slots is not None:
-                self.metrics.slots.labels(e.name).set(e.total_slots)
+            self.metrics.slots.labels(e.name).set(e.slots.total)
+            self.metrics.busy_slots.labels(e.name).set(e.slots.busy)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

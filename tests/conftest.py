@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import aiohttp
 import pytest
 
 from tests.llamacpp import LlamaServers, LlamaServerUnavailable, ServerSpec, binary, tiny_model
+from tests.simkit import SimServers, StartSim, StartSims, sim_client
 
 StartServers = Callable[..., LlamaServers]
 
@@ -57,3 +59,44 @@ def chat_model() -> ServerSpec:
 @pytest.fixture
 def code_model() -> ServerSpec:
     return ServerSpec(model=tiny_model("code"), alias="tiny-code")
+
+
+@pytest.fixture
+async def sim_servers() -> AsyncIterator[SimServers]:
+    servers = SimServers()
+    yield servers
+    await servers.stop()
+
+
+@pytest.fixture
+def start_sims(sim_servers: SimServers) -> StartSims:
+    """Start emulated llama-servers: `await start_sims(config, config, ...)`; all stopped after the test."""
+    return sim_servers.start
+
+
+@pytest.fixture
+def start_sim(sim_servers: SimServers) -> StartSim:
+    """Start one emulated llama-server: `await start_sim(**overrides)`, on top of simkit.SIM_DEFAULTS."""
+    return sim_servers.start_one
+
+
+@pytest.fixture
+async def sim_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with sim_client() as session:
+        yield session
+
+
+@pytest.fixture
+def make_router(aiohttp_client):  # type: ignore[no-untyped-def]
+    """`await make_router(endpoints, ready=N, **config_sections)`: a router client once N endpoints are routable."""
+    from olla.app import REGISTRY, create_app
+    from tests.routerkit import router_config, wait_until
+
+    async def make(endpoints: list[dict], ready: int | None = None, **sections: object):  # type: ignore[type-arg]
+        client = await aiohttp_client(create_app(router_config(endpoints, **sections)))
+        registry = client.app[REGISTRY]
+        want = len(endpoints) if ready is None else ready
+        await wait_until(registry, lambda: sum(e.routable and e.discovery is not None for e in registry) >= want)
+        return client
+
+    return make

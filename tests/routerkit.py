@@ -1,4 +1,4 @@
-"""Building routers for tests: a config around given endpoint URLs, and waiting on registry changes."""
+"""Building routers for tests: a config around given endpoints, requests to it, and waiting on registry changes."""
 
 from __future__ import annotations
 
@@ -7,14 +7,40 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+from aiohttp.test_utils import TestClient
+
 from olla.config import Config, parse_config
 from olla.registry import Registry
+from olla.sim import SimConfig, SimServer
+
+CHAT = "chat-model"
+
+
+def ep(name: str, sim: SimServer, priority: int = 100, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "url": sim.url, "priority": priority, **extra}
+
+
+def fast(model: str = CHAT, **kw: Any) -> SimConfig:
+    return SimConfig(model=model, **{"slots": 2, "prefill_ms": 0.0, "decode_ms": 1.0, **kw})
+
+
+def chat(model: str = CHAT, tokens: int = 3, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, **extra}
+
+
+async def post(client: TestClient, body: Any, path: str = "/olla/llamacpp/v1/chat/completions",
+               **kw: Any) -> aiohttp.ClientResponse:  # fmt: skip
+    response = await client.post(path, json=body, **kw)
+    await response.read()
+    return response
 
 
 def router_config(endpoints: list[dict[str, Any]], **sections: Any) -> Config:
     """A config whose endpoints are checked often, so tests see state changes quickly."""
     full = [{"type": "llamacpp", "check_interval": "200ms", "check_timeout": "150ms", **e} for e in endpoints]
     raw: dict[str, Any] = {"discovery": {"static": {"endpoints": full}}, "logging": {"level": "warning"}}
+    raw["discovery"].update(sections.pop("discovery", {}))
     raw.update(sections)
     return parse_config(raw, "<test>")
 

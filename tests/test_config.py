@@ -53,7 +53,7 @@ def test_empty_config_is_the_defaults() -> None:
     for data in (None, {}):
         config = parse_config(data, "empty.yaml", {})
         assert config.server == ServerConfig("localhost", 40114, 100 * 1024 * 1024, 10.0)
-        assert config.proxy == ProxyConfig("least-connections", 10.0, 900.0, 600.0, RetryConfig(True, 0))
+        assert config.proxy == ProxyConfig("slot-aware", 10.0, 900.0, 600.0, RetryConfig(True, 0))
         assert config.discovery.endpoints == ()
         assert config.discovery.model_discovery_interval == 300.0
         assert dict(config.model_aliases) == {}
@@ -210,7 +210,7 @@ def test_expanded_value_cannot_inject_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "server:\n  host: ${HOST}\n")
     config = load_config(path, env={"HOST": "x\nproxy: {load_balancer: priority}"})
     assert config.server.host.startswith("x\nproxy")
-    assert config.proxy.load_balancer == "least-connections"
+    assert config.proxy.load_balancer == "slot-aware"
 
 
 def test_missing_variable_names_key_and_variable() -> None:
@@ -236,7 +236,7 @@ def test_load_config_uses_process_environment_by_default(tmp_path: Path, monkeyp
 def test_unknown_key_suggests_the_closest() -> None:
     assert one_problem({"proxy": {"load_balancr": "priority"}}) == (
         "test.yaml: proxy.load_balancr: unknown key (did you mean load_balancer?): got 'load_balancr'; "
-        "expected one of load_balancer, connection_timeout, response_timeout, read_timeout, retry"
+        "expected one of load_balancer, connection_timeout, response_timeout, read_timeout, retry, queue, affinity"
     )
 
 
@@ -307,7 +307,7 @@ def test_wrong_types_and_values(data: Any, start: str) -> None:
 def test_unknown_balancer_suggests_a_known_one() -> None:
     assert one_problem({"proxy": {"load_balancer": "round_robin"}}) == (
         "test.yaml: proxy.load_balancer: unknown value (did you mean round-robin?): got 'round_robin'; "
-        "expected one of priority, round-robin, least-connections"
+        "expected one of slot-aware, priority, round-robin, least-connections"
     )
 
 

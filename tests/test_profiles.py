@@ -165,7 +165,7 @@ def test_profile_is_frozen_and_read_only() -> None:
         (
             [],
             "p.yaml: (document): wrong type: got []; "
-            "expected a mapping with keys name, version, description, routing, api, request",
+            "expected a mapping with keys name, version, description, default_slots, routing, api, request",
         ),
         (
             changed(api={"paths": ["/v1/models"], "routes": MINIMAL["api"]["routes"]}),
@@ -255,7 +255,7 @@ def test_profile_errors(data: Any, message: str) -> None:
 
 def test_missing_name_and_every_other_problem_at_once() -> None:
     assert problems({"routing": {"prefixes": "llamacpp"}, "extra": 1}) == [
-        "p.yaml: extra: unknown key: got 'extra'; expected one of name, version, description, routing, api, request",
+        "p.yaml: extra: unknown key: got 'extra'; expected one of name, version, description, default_slots, routing, api, request",
         "p.yaml: name: missing required key: got nothing; expected a name of letters, digits, '.', '_' or '-'",
         "p.yaml: routing.prefixes: wrong type: got 'llamacpp'; "
         "expected a list of prefix names or {name, enabled} mappings",

@@ -14,67 +14,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from olla.app import REGISTRY, create_app
-from olla.sim import SimConfig, SimServer
-from tests.routerkit import router_config, wait_until
-
-CHAT = "chat-model"
-StartSims = Callable[..., Awaitable[list[SimServer]]]
-MakeRouter = Callable[..., Awaitable[TestClient]]
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[StartSims]:
-    started: list[SimServer] = []
-
-    async def start(*configs: SimConfig) -> list[SimServer]:
-        servers = [SimServer(c) for c in configs]
-        for s in servers:
-            await s.start(host="127.0.0.1", port=0)
-            started.append(s)
-        return servers
-
-    yield start
-    for s in started:
-        await s.stop()
-
-
-@pytest.fixture
-def make_router(aiohttp_client) -> MakeRouter:  # type: ignore[no-untyped-def]
-    async def make(endpoints: list[dict[str, Any]], ready: int | None = None, **sections: Any) -> TestClient:
-        client = await aiohttp_client(create_app(router_config(endpoints, **sections)))
-        registry = client.app[REGISTRY]
-        want = len(endpoints) if ready is None else ready
-        await wait_until(registry, lambda: sum(e.routable and e.discovery is not None for e in registry) >= want)
-        return client
-
-    return make
-
-
-def ep(name: str, sim: SimServer, priority: int = 100) -> dict[str, Any]:
-    return {"name": name, "url": sim.url, "priority": priority}
-
-
-def chat(model: str = CHAT, tokens: int = 3, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, **extra}
-
-
-async def post(client: TestClient, body: Any, path: str = "/olla/llamacpp/v1/chat/completions",
-               **kw: Any) -> aiohttp.ClientResponse:  # fmt: skip
-    response = await client.post(path, json=body, **kw)
-    await response.read()
-    return response
-
-
-def fast(model: str = CHAT, **kw: Any) -> SimConfig:
-    return SimConfig(model=model, **{"slots": 2, "prefill_ms": 0.0, "decode_ms": 1.0, **kw})
+from olla.app import REGISTRY
+from tests.routerkit import CHAT, chat, ep, fast, post, wait_until
+from tests.simkit import until
 
 
 # --- tiers and balancers ----------------------------------------------------------
 
 
-async def test_the_best_priority_tier_takes_every_request_then_spills_when_down(sims, make_router) -> None:
-    hi, lo = await sims(fast(), fast())
+async def test_the_best_priority_tier_takes_every_request_then_spills_when_down(start_sims, make_router) -> None:
+    hi, lo = await start_sims(fast(), fast())
     client = await make_router([ep("hi", hi, 100), ep("lo", lo, 50)])
     served = [(await post(client, chat())).headers["X-Olla-Endpoint"] for _ in range(4)]
     assert served == ["hi"] * 4
@@ -85,22 +34,22 @@ async def test_the_best_priority_tier_takes_every_request_then_spills_when_down(
     assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "lo"
 
 
-async def test_round_robin_alternates_inside_the_tier(sims, make_router) -> None:
-    a, b, c = await sims(fast(), fast(), fast())
+async def test_round_robin_alternates_inside_the_tier(start_sims, make_router) -> None:
+    a, b, c = await start_sims(fast(), fast(), fast())
     client = await make_router([ep("a", a), ep("b", b), ep("c", c, 10)], proxy={"load_balancer": "round-robin"})
     served = [(await post(client, chat())).headers["X-Olla-Endpoint"] for _ in range(6)]
     assert served == ["a", "b"] * 3
 
 
-async def test_least_connections_sends_concurrent_requests_to_the_idlest(sims, make_router) -> None:
-    a, b = await sims(fast(decode_ms=20.0, slots=4), fast(decode_ms=20.0, slots=4))
+async def test_least_connections_sends_concurrent_requests_to_the_idlest(start_sims, make_router) -> None:
+    a, b = await start_sims(fast(decode_ms=20.0, slots=4), fast(decode_ms=20.0, slots=4))
     client = await make_router([ep("a", a), ep("b", b)], proxy={"load_balancer": "least-connections"})
     responses = await asyncio.gather(*(post(client, chat(tokens=10)) for _ in range(8)))
     assert Counter(r.headers["X-Olla-Endpoint"] for r in responses) == {"a": 4, "b": 4}
 
 
-async def test_priority_balancer_spreads_over_the_top_tier_only(sims, make_router) -> None:
-    a, b, c = await sims(fast(), fast(), fast())
+async def test_priority_balancer_spreads_over_the_top_tier_only(start_sims, make_router) -> None:
+    a, b, c = await start_sims(fast(), fast(), fast())
     client = await make_router([ep("a", a), ep("b", b), ep("c", c, 1)], proxy={"load_balancer": "priority"})
     served = Counter([(await post(client, chat())).headers["X-Olla-Endpoint"] for _ in range(40)])
     assert set(served) == {"a", "b"} and min(served.values()) >= 5
@@ -120,8 +69,8 @@ async def test_priority_balancer_spreads_over_the_top_tier_only(sims, make_route
         ("loading", {}, "unhealthy"),
     ],
 )
-async def test_failures_before_headers_fail_over_and_eject(sims, make_router, fault, params, state) -> None:
-    a, b = await sims(fast(), fast())
+async def test_failures_before_headers_fail_over_and_eject(start_sims, make_router, fault, params, state) -> None:
+    a, b = await start_sims(fast(), fast())
     client = await make_router([ep("a", a), ep("b", b)], proxy={"load_balancer": "round-robin"})
     a.set_fault(fault, **params)
     for _ in range(3):
@@ -135,8 +84,8 @@ async def test_failures_before_headers_fail_over_and_eject(sims, make_router, fa
     assert 'olla_retries_total{endpoint="a"' in metrics
 
 
-async def test_a_500_or_400_is_the_requests_own_error_and_passes_through(sims, make_router) -> None:
-    (a,) = await sims(fast())
+async def test_a_500_or_400_is_the_requests_own_error_and_passes_through(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast())
     client = await make_router([ep("a", a)])
     a.set_fault("status", status=500, message="boom")
     r = await post(client, chat())
@@ -148,8 +97,8 @@ async def test_a_500_or_400_is_the_requests_own_error_and_passes_through(sims, m
     assert client.app[REGISTRY].endpoints["a"].routable
 
 
-async def test_breaker_ejection_ends_with_the_next_good_probe(sims, make_router) -> None:
-    (a,) = await sims(fast())
+async def test_breaker_ejection_ends_with_the_next_good_probe(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast())
     client = await make_router([ep("a", a)])
     registry = client.app[REGISTRY]
     a.set_fault("status", status=503)
@@ -164,8 +113,8 @@ async def test_breaker_ejection_ends_with_the_next_good_probe(sims, make_router)
     assert (await post(client, chat())).status == 200
 
 
-async def test_a_loading_endpoint_is_not_routed_until_it_has_loaded(sims, make_router) -> None:
-    ready, loading = await sims(fast(), fast(load_seconds=1.0))
+async def test_a_loading_endpoint_is_not_routed_until_it_has_loaded(start_sims, make_router) -> None:
+    ready, loading = await start_sims(fast(), fast(load_seconds=1.0))
     client = await make_router([ep("ready", ready, 10), ep("loading", loading, 100)], ready=1)
     registry = client.app[REGISTRY]
     assert registry.endpoints["loading"].health.value == "loading"
@@ -175,8 +124,8 @@ async def test_a_loading_endpoint_is_not_routed_until_it_has_loaded(sims, make_r
     assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "loading"
 
 
-async def test_every_endpoint_down_answers_503_at_once(sims, make_router) -> None:
-    a, b = await sims(fast(), fast())
+async def test_every_endpoint_down_answers_503_at_once(start_sims, make_router) -> None:
+    a, b = await start_sims(fast(), fast())
     client = await make_router([ep("a", a), ep("b", b)])
     a.set_fault("crash")
     b.set_fault("crash")
@@ -189,8 +138,8 @@ async def test_every_endpoint_down_answers_503_at_once(sims, make_router) -> Non
     assert time.monotonic() - started < 2.0
 
 
-async def test_a_stream_cut_midway_ends_with_an_sse_error_event(sims, make_router) -> None:
-    (a,) = await sims(fast(decode_ms=5.0))
+async def test_a_stream_cut_midway_ends_with_an_sse_error_event(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast(decode_ms=5.0))
     client = await make_router([ep("a", a)])
     a.set_fault("cut_stream", after=3)
     r = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=20, stream=True))
@@ -202,21 +151,21 @@ async def test_a_stream_cut_midway_ends_with_an_sse_error_event(sims, make_route
     assert "[DONE]" not in events[-1]
 
 
-async def test_silence_longer_than_read_timeout_closes_the_stream_and_frees_the_slot(sims, make_router) -> None:
-    (a,) = await sims(fast(decode_ms=5.0))
+async def test_silence_longer_than_read_timeout_closes_the_stream_and_frees_the_slot(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast(decode_ms=5.0))
     client = await make_router([ep("a", a)], proxy={"read_timeout": "300ms"})
     a.set_fault("hang_stream", after=2)
     r = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=20, stream=True))
     text = await r.text()
     assert "read_timeout" in text and "upstream_stream_broken" in text
-    await _until(lambda: a.busy_slots == 0, 1.0)
+    await until(lambda: a.busy_slots == 0, 1.0)
 
 
 # --- models, errors, limits -----------------------------------------------------------
 
 
-async def test_models_and_aliases_route_to_their_endpoints(sims, make_router) -> None:
-    chat_sim, code_sim = await sims(fast(CHAT), fast("/models/coder-q4.gguf"))
+async def test_models_and_aliases_route_to_their_endpoints(start_sims, make_router) -> None:
+    chat_sim, code_sim = await start_sims(fast(CHAT), fast("/models/coder-q4.gguf"))
     client = await make_router([ep("chat", chat_sim), ep("code", code_sim)], model_aliases={"assistant": [CHAT]})
     assert (await post(client, chat("assistant"))).headers["X-Olla-Endpoint"] == "chat"
     r = await post(client, {"model": "coder-q4.gguf", "prompt": "x", "max_tokens": 1}, "/olla/llamacpp/v1/completions")
@@ -227,8 +176,8 @@ async def test_models_and_aliases_route_to_their_endpoints(sims, make_router) ->
     assert {m["id"] for m in listed["data"]} == {CHAT, "/models/coder-q4.gguf", "assistant"}
 
 
-async def test_router_errors_are_openai_shaped_with_a_request_id(sims, make_router) -> None:
-    a, b = await sims(fast(CHAT), fast("other"))
+async def test_router_errors_are_openai_shaped_with_a_request_id(start_sims, make_router) -> None:
+    a, b = await start_sims(fast(CHAT), fast("other"))
     client = await make_router([ep("a", a), ep("b", b)], server={"request_limits": {"max_body_size": 1024}})
     cases = [
         (await client.get("/olla/llamacpp/slots"), 404, "not_found"),
@@ -247,8 +196,8 @@ async def test_router_errors_are_openai_shaped_with_a_request_id(sims, make_rout
     assert "ghost" in (await cases[4][0].json())["error"]["message"]
 
 
-async def test_a_chunked_body_over_the_limit_is_refused_while_reading(sims, make_router) -> None:
-    (a,) = await sims(fast())
+async def test_a_chunked_body_over_the_limit_is_refused_while_reading(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast())
     client = await make_router([ep("a", a)], server={"request_limits": {"max_body_size": 1024}})
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -262,8 +211,8 @@ async def test_a_chunked_body_over_the_limit_is_refused_while_reading(sims, make
 # --- streaming and disconnects ----------------------------------------------------
 
 
-async def test_streamed_tokens_reach_the_client_as_they_are_produced(sims, make_router) -> None:
-    (a,) = await sims(fast(decode_ms=40.0))
+async def test_streamed_tokens_reach_the_client_as_they_are_produced(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast(decode_ms=40.0))
     client = await make_router([ep("a", a)])
     loop = asyncio.get_running_loop()
     arrivals: list[float] = []
@@ -278,31 +227,23 @@ async def test_streamed_tokens_reach_the_client_as_they_are_produced(sims, make_
     assert sum(g > 0.010 for g in gaps) >= 5
 
 
-async def _until(predicate: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
-
-
-async def test_a_client_leaving_mid_stream_frees_the_slot_at_once(sims, make_router) -> None:
-    (a,) = await sims(fast(decode_ms=20.0))
+async def test_a_client_leaving_mid_stream_frees_the_slot_at_once(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast(decode_ms=20.0))
     client = await make_router([ep("a", a)])
     r = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=200, stream=True))
     await r.content.readline()
     assert a.busy_slots == 1
     r.close()
-    assert await _until(lambda: a.busy_slots == 0, 1.0) < 0.1
+    assert await until(lambda: a.busy_slots == 0, 1.0) < 0.1
 
 
-async def test_a_client_leaving_a_non_streaming_generation_frees_the_slot(sims, make_router) -> None:
-    (a,) = await sims(fast(decode_ms=20.0))
+async def test_a_client_leaving_a_non_streaming_generation_frees_the_slot(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast(decode_ms=20.0))
     client = await make_router([ep("a", a)])
     task = asyncio.create_task(client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=200)))
-    await _until(lambda: a.busy_slots == 1, 2.0)
+    await until(lambda: a.busy_slots == 1, 2.0)
     task.cancel()
-    assert await _until(lambda: a.busy_slots == 0, 1.0) < 0.1
+    assert await until(lambda: a.busy_slots == 0, 1.0) < 0.1
 
 
 # --- what reaches the endpoint ----------------------------------------------------------
@@ -348,8 +289,8 @@ async def test_forwarded_headers_drop_hop_by_hop_and_client_credentials(aiohttp_
 # --- status and metrics -------------------------------------------------------------
 
 
-async def test_status_and_metrics_describe_the_fleet(sims, make_router) -> None:
-    a, b = await sims(fast(slots=4), fast("other", slots=2))
+async def test_status_and_metrics_describe_the_fleet(start_sims, make_router) -> None:
+    a, b = await start_sims(fast(slots=4), fast("other", slots=2))
     client = await make_router([ep("a", a), ep("b", b, 50)])
     assert (await post(client, chat())).status == 200
     status = await (await client.get("/internal/status")).json()
@@ -368,8 +309,8 @@ async def test_status_and_metrics_describe_the_fleet(sims, make_router) -> None:
     assert "olla_upstream_ttfb_seconds_bucket" in metrics and "olla_health_check_duration_seconds_count" in metrics
 
 
-async def test_one_access_log_line_per_request_with_its_facts(sims, make_router, caplog) -> None:
-    (a,) = await sims(fast())
+async def test_one_access_log_line_per_request_with_its_facts(start_sims, make_router, caplog) -> None:
+    (a,) = await start_sims(fast())
     client = await make_router([ep("a", a)])
     with caplog.at_level("INFO", logger="olla.access"):
         await post(client, chat(), headers={"X-Request-Id": "abc-1"})

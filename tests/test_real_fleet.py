@@ -100,7 +100,8 @@ async def test_models_list_through_the_sdk_names_both_models(fleet: Fleet) -> No
 
 async def test_native_routes_with_the_model_in_a_header(fleet: Fleet) -> None:
     c = fleet.client
-    r = await c.post("/olla/llamacpp/completion", json={"prompt": "Hi", "n_predict": 4}, headers={"X-Olla-Model": CHAT})
+    r = await c.post("/olla/llamacpp/completion", json={"prompt": "Hi", "n_predict": 4, "ignore_eos": True},
+                     headers={"X-Olla-Model": CHAT})  # fmt: skip
     assert r.status == 200, await r.text()
     assert_olla_headers(r.headers, "chat-", CHAT)
     body = await r.json()
@@ -191,3 +192,51 @@ async def test_connection_reuse_survives_llama_server_closing_after_streams(flee
     code = fleet.client.app[REGISTRY].endpoints["code-a"]
     assert decisions == ["routed"] * 30
     assert code.errors == 0 and code.routable
+
+
+@pytest.fixture
+async def chat_fleet(start_llama_servers, aiohttp_client) -> AsyncIterator[tuple[LlamaServers, TestClient]]:
+    """Three real servers with 2 slots each, all serving the chat model, behind a slot-aware router."""
+    spec = ServerSpec(model=tiny_model("chat"), alias=CHAT, slots=2, ctx_per_slot=2048)
+    servers = start_llama_servers(spec, spec, spec)
+    endpoints = [{"name": f"chat-{i}", "url": s.url, "type": "llamacpp", "check_interval": "300ms",
+                  "check_timeout": "250ms"} for i, s in enumerate(servers)]  # fmt: skip
+    config = parse_config({"discovery": {"static": {"endpoints": endpoints}},
+                           "proxy": {"load_balancer": "slot-aware"}, "logging": {"level": "warning"}}, "<test>")  # fmt: skip
+    client = await aiohttp_client(create_app(config))
+    registry = client.app[REGISTRY]
+    await wait_until(registry, lambda: all(e.routable and e.discovery for e in registry))
+    assert {e.slots.total for e in registry} == {2}  # learned from /props
+    yield servers, client
+
+
+async def test_six_long_generations_spread_two_per_instance(chat_fleet) -> None:
+    servers, client = chat_fleet
+    body = {"prompt": "Spread", "n_predict": 600, "ignore_eos": True, "stream": True}
+
+    async def one() -> str:
+        r = await client.post("/olla/llamacpp/completion", json=body, headers={"X-Olla-Model": CHAT})
+        await r.read()
+        assert r.status == 200
+        return r.headers["X-Olla-Endpoint"]
+
+    served = await asyncio.gather(*(one() for _ in range(6)))
+    assert sorted(served) == ["chat-0", "chat-0", "chat-1", "chat-1", "chat-2", "chat-2"]
+
+
+async def test_the_second_turn_goes_home_and_hits_the_kv_cache(chat_fleet) -> None:
+    _, client = chat_fleet
+    system = {"role": "system", "content": "You answer in one short sentence. " * 12}
+    messages = [system, {"role": "user", "content": "What is a slot?"}]
+    first = await client.post("/olla/llamacpp/v1/chat/completions",
+                              json={"model": CHAT, "messages": messages, "max_tokens": 8, "temperature": 0})  # fmt: skip
+    reply = (await first.json())["choices"][0]["message"]
+    messages += [{"role": "assistant", "content": reply["content"]}, {"role": "user", "content": "And a queue?"}]
+    for _ in range(2):  # other traffic in between must not move the conversation
+        await client.post("/olla/llamacpp/v1/completions", json={"model": CHAT, "prompt": "noise", "max_tokens": 2})
+    second = await client.post("/olla/llamacpp/v1/chat/completions",
+                               json={"model": CHAT, "messages": messages, "max_tokens": 8})  # fmt: skip
+    body = await second.json()
+    assert second.headers["X-Olla-Endpoint"] == first.headers["X-Olla-Endpoint"]
+    assert second.headers["X-Olla-Affinity"] == "hit"
+    assert body["timings"]["cache_n"] > 0

@@ -112,18 +112,22 @@ def test_an_undiscovered_endpoint_makes_an_unknown_model_a_503_not_a_404() -> No
         registry.pool("m2")
 
 
-def test_candidates_are_the_best_routable_tier_and_fall_to_the_next() -> None:
+def names(tiers: list[list[Endpoint]]) -> list[list[str]]:
+    return [[e.name for e in tier] for tier in tiers]
+
+
+def test_tiers_group_routable_members_by_priority_best_first() -> None:
     registry = Registry([cfg("hi1", 100), cfg("hi2", 100), cfg("lo", 50)])
     for name in ("hi1", "hi2", "lo"):
         healthy(registry, name, "m")
     pool = registry.pool("m")
-    assert [e.name for e in pool.candidates()] == ["hi1", "hi2"]
-    assert [e.name for e in pool.candidates(exclude=[registry.endpoints["hi1"]])] == ["hi2"]
+    assert names(pool.tiers()) == [["hi1", "hi2"], ["lo"]]
+    assert names(pool.tiers(exclude=[registry.endpoints["hi1"]])) == [["hi2"], ["lo"]]
     registry.record_outcome(registry.endpoints["hi1"], Outcome.UNREACHABLE)
     registry.record_outcome(registry.endpoints["hi2"], Outcome.REJECTED)
-    assert [e.name for e in pool.candidates()] == ["lo"]
+    assert names(pool.tiers()) == [["lo"]]
     registry.record_outcome(registry.endpoints["lo"], Outcome.UNREACHABLE)
-    assert pool.candidates() == []
+    assert pool.tiers() == []
     assert "hi1=offline" in pool.unavailable_reason() and "hi2=unhealthy" in pool.unavailable_reason()
 
 
@@ -144,7 +148,7 @@ def endpoints(n: int) -> list[Endpoint]:
 def test_round_robin_takes_turns() -> None:
     es = endpoints(3)
     rr = RoundRobin()
-    assert [rr.pick(es).name for _ in range(6)] == ["e0", "e1", "e2", "e0", "e1", "e2"]
+    assert [rr.pick([es]).name for _ in range(6)] == ["e0", "e1", "e2", "e0", "e1", "e2"]
 
 
 def test_rotation_stays_fair_per_pool_when_pools_interleave() -> None:
@@ -152,8 +156,8 @@ def test_rotation_stays_fair_per_pool_when_pools_interleave() -> None:
     for balancer in (RoundRobin(), LeastConnections()):
         picks = []
         for _ in range(6):
-            picks.append(balancer.pick(pool_a).name)
-            balancer.pick(pool_b)
+            picks.append(balancer.pick([pool_a]).name)
+            balancer.pick([pool_b])
         assert picks == ["e0", "e1"] * 3, balancer.name
 
 
@@ -161,20 +165,27 @@ def test_least_connections_picks_the_idlest_and_rotates_ties() -> None:
     es = endpoints(3)
     lc = LeastConnections()
     es[0].in_flight, es[1].in_flight, es[2].in_flight = 2, 0, 1
-    assert lc.pick(es).name == "e1"
+    assert lc.pick([es]).name == "e1"
     es[1].in_flight = 1
-    assert {lc.pick(es).name for _ in range(4)} == {"e1", "e2"}
+    assert {lc.pick([es]).name for _ in range(4)} == {"e1", "e2"}
 
 
 def test_priority_spreads_randomly_inside_the_tier() -> None:
     es = endpoints(2)
     balancer = Priority(random.Random(7))
-    counts = Counter(balancer.pick(es).name for _ in range(1000))
+    counts = Counter(balancer.pick([es]).name for _ in range(1000))
     assert 400 < counts["e0"] < 600
 
 
+def test_classic_balancers_use_the_best_tier_and_never_wait() -> None:
+    best, lower = endpoints(2), [Endpoint(cfg("low", 1))]
+    for name in ("priority", "round-robin", "least-connections"):
+        for _ in range(4):
+            assert BALANCERS[name]().pick([best, lower]) in best
+
+
 def test_balancers_are_chosen_by_their_config_names() -> None:
-    assert set(BALANCERS) >= {"priority", "round-robin", "least-connections"}
+    assert set(BALANCERS) >= {"slot-aware", "priority", "round-robin", "least-connections"}
     for name, factory in BALANCERS.items():
         assert factory().name == name
 

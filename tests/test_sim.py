@@ -11,7 +11,6 @@ import asyncio
 import base64
 import math
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -19,8 +18,6 @@ import orjson
 import pytest
 
 from olla.sim import SimConfig, SimServer
-
-Start = Callable[..., Awaitable[SimServer]]
 
 TIMINGS = {
     "cache_n",
@@ -55,28 +52,6 @@ NATIVE_FINAL = {
 USAGE = {"completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details"}
 
 
-@pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    servers: list[SimServer] = []
-
-    async def _start(**overrides: Any) -> SimServer:
-        sim = SimServer(SimConfig(**{"model": "chat-model", "prefill_ms": 0.0, "decode_ms": 1.0, **overrides}))
-        await sim.start()
-        servers.append(sim)
-        return sim
-
-    yield _start
-    for sim in servers:
-        await sim.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    # A fresh connection per request: like llama-server, the emulator hangs up after each stream.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        yield s
-
-
 async def call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
     async with session.request(method, url, **kw) as r:
         raw = await r.read()
@@ -100,14 +75,14 @@ def error_of(body: Any, code: int, type_: str) -> dict[str, Any]:
 # --- health, models, props, slots, metrics -----------------------------------
 
 
-async def test_health_models_and_props_describe_the_server(start, session) -> None:
-    sim = await start(slots=3, n_ctx=2048)
+async def test_health_models_and_props_describe_the_server(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=3, n_ctx=2048)
     for path in ("/health", "/v1/health"):
-        async with session.get(sim.url + path) as r:
+        async with sim_session.get(sim.url + path) as r:
             assert r.status == 200 and await r.json() == {"status": "ok"}
             assert r.headers["Server"] == "llama.cpp"
     for path in ("/v1/models", "/models"):
-        status, body = await call(session, "GET", sim.url + path)
+        status, body = await call(sim_session, "GET", sim.url + path)
         assert status == 200 and set(body) == {"models", "object", "data"} and body["object"] == "list"
         (model,) = body["data"]
         assert {"id", "aliases", "tags", "object", "created", "owned_by", "meta"} <= set(model)
@@ -116,7 +91,7 @@ async def test_health_models_and_props_describe_the_server(start, session) -> No
         meta = {"vocab_type", "n_vocab", "n_ctx", "n_ctx_train", "n_embd", "n_params", "size"}
         assert meta <= set(model["meta"]) and model["meta"]["n_ctx"] == 2048
         assert body["models"][0]["name"] == "chat-model" and "details" in body["models"][0]
-    status, props = await call(session, "GET", sim.url + "/props")
+    status, props = await call(sim_session, "GET", sim.url + "/props")
     assert status == 200
     assert {
         "default_generation_settings",
@@ -137,23 +112,23 @@ async def test_health_models_and_props_describe_the_server(start, session) -> No
     assert "temperature" in props["default_generation_settings"]["params"]
 
 
-async def test_slots_show_each_slot_and_its_last_task(start, session) -> None:
-    sim = await start(slots=2)
-    status, slots = await call(session, "GET", sim.url + "/slots")
+async def test_slots_show_each_slot_and_its_last_task(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=2)
+    status, slots = await call(sim_session, "GET", sim.url + "/slots")
     assert status == 200 and [s["id"] for s in slots] == [0, 1]
     assert all(set(s) == {"id", "n_ctx", "speculative", "is_processing"} for s in slots)
-    await call(session, "POST", sim.url + "/completion", json={"prompt": "hello", "n_predict": 3})
-    _, slots = await call(session, "GET", sim.url + "/slots")
+    await call(sim_session, "POST", sim.url + "/completion", json={"prompt": "hello", "n_predict": 3})
+    _, slots = await call(sim_session, "GET", sim.url + "/slots")
     used = next(s for s in slots if "id_task" in s)
     assert {"id_task", "n_prompt_tokens", "params", "next_token"} <= set(used)
     assert used["is_processing"] is False and used["n_prompt_tokens"] >= 6
     assert {"has_next_token", "n_remain", "n_decoded"} <= set(used["next_token"][0])
 
 
-async def test_metrics_count_tokens_in_prometheus_text(start, session) -> None:
-    sim = await start()
-    await call(session, "POST", sim.url + "/completion", json={"prompt": "hello", "n_predict": 4})
-    async with session.get(sim.url + "/metrics") as r:
+async def test_metrics_count_tokens_in_prometheus_text(start_sim, sim_session) -> None:
+    sim = await start_sim()
+    await call(sim_session, "POST", sim.url + "/completion", json={"prompt": "hello", "n_predict": 4})
+    async with sim_session.get(sim.url + "/metrics") as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert r.headers["Process-Start-Time-Unix"].isdigit()
         text = await r.text()
@@ -165,8 +140,8 @@ async def test_metrics_count_tokens_in_prometheus_text(start, session) -> None:
     assert "# TYPE llamacpp:prompt_tokens_total counter" in text
 
 
-async def test_disabled_features_answer_501(start, session) -> None:
-    sim = await start(embeddings=False, infill=False, metrics=False, slots_endpoint=False)
+async def test_disabled_features_answer_501(start_sim, sim_session) -> None:
+    sim = await start_sim(embeddings=False, infill=False, metrics=False, slots_endpoint=False)
     for method, path, body in [
         ("GET", "/metrics", None),
         ("GET", "/slots", None),
@@ -175,7 +150,7 @@ async def test_disabled_features_answer_501(start, session) -> None:
         ("POST", "/infill", {"input_prefix": "a", "input_suffix": "b"}),
         ("POST", "/props", {}),
     ]:
-        status, reply = await call(session, method, sim.url + path, json=body)
+        status, reply = await call(sim_session, method, sim.url + path, json=body)
         assert status == 501, path
         error_of(reply, 501, "not_supported_error")
 
@@ -183,9 +158,9 @@ async def test_disabled_features_answer_501(start, session) -> None:
 # --- generation ------------------------------------------------------------
 
 
-async def test_native_completion_and_its_stream_which_has_no_done(start, session) -> None:
-    sim = await start()
-    status, body = await call(session, "POST", sim.url + "/completion", json={"prompt": "Hello", "n_predict": 3})
+async def test_native_completion_and_its_stream_which_has_no_done(start_sim, sim_session) -> None:
+    sim = await start_sim()
+    status, body = await call(sim_session, "POST", sim.url + "/completion", json={"prompt": "Hello", "n_predict": 3})
     assert status == 200 and set(body) == NATIVE_FINAL
     assert set(body["timings"]) == TIMINGS and body["model"] == "chat-model"
     assert body["tokens_predicted"] == 3 and body["tokens_evaluated"] == 6 and len(body["content"]) == 3
@@ -193,7 +168,7 @@ async def test_native_completion_and_its_stream_which_has_no_done(start, session
     assert body["prompt"] == "<s>Hello"
 
     status, text = await call(
-        session, "POST", sim.url + "/completions", json={"prompt": "Hello", "n_predict": 3, "stream": True}
+        sim_session, "POST", sim.url + "/completions", json={"prompt": "Hello", "n_predict": 3, "stream": True}
     )
     events = sse(text)
     assert "[DONE]" not in events and len(events) == 4
@@ -204,16 +179,16 @@ async def test_native_completion_and_its_stream_which_has_no_done(start, session
     assert set(final) == NATIVE_FINAL and final["stop"] is True and final["content"] == ""
 
 
-async def test_openai_completion_and_its_stream_ending_in_done(start, session) -> None:
-    sim = await start()
+async def test_openai_completion_and_its_stream_ending_in_done(start_sim, sim_session) -> None:
+    sim = await start_sim()
     body = {"prompt": "Hello", "max_tokens": 2, "model": "anything"}
-    status, reply = await call(session, "POST", sim.url + "/v1/completions", json=body)
+    status, reply = await call(sim_session, "POST", sim.url + "/v1/completions", json=body)
     assert status == 200
     assert set(reply) == {"choices", "created", "model", "system_fingerprint", "object", "usage", "id", "timings"}
     assert reply["object"] == "text_completion" and reply["model"] == "chat-model"
     assert reply["choices"][0]["finish_reason"] == "length" and set(reply["usage"]) == USAGE
 
-    async with session.post(sim.url + "/v1/completions", json={**body, "stream": True}) as r:
+    async with sim_session.post(sim.url + "/v1/completions", json={**body, "stream": True}) as r:
         assert r.headers["Content-Type"] == "text/event-stream" and r.headers["X-Accel-Buffering"] == "no"
         events = sse(await r.text())
     assert events[-1] == "[DONE]"
@@ -223,16 +198,16 @@ async def test_openai_completion_and_its_stream_ending_in_done(start, session) -
     assert all("usage" not in c for c in chunks[:-1])
 
 
-async def test_chat_and_its_stream_starting_with_a_role_delta(start, session) -> None:
-    sim = await start()
+async def test_chat_and_its_stream_starting_with_a_role_delta(start_sim, sim_session) -> None:
+    sim = await start_sim()
     body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    status, reply = await call(session, "POST", sim.url + "/v1/chat/completions", json=body)
+    status, reply = await call(sim_session, "POST", sim.url + "/v1/chat/completions", json=body)
     assert status == 200 and reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
     assert reply["choices"][0]["message"]["role"] == "assistant" and len(reply["choices"][0]["message"]["content"]) == 3
     assert set(reply["usage"]) == USAGE and "cached_tokens" in reply["usage"]["prompt_tokens_details"]
     assert set(reply["timings"]) == TIMINGS
 
-    status, text = await call(session, "POST", sim.url + "/chat/completions", json={**body, "stream": True})
+    status, text = await call(sim_session, "POST", sim.url + "/chat/completions", json={**body, "stream": True})
     events = sse(text)
     assert events[-1] == "[DONE]"
     chunks = [orjson.loads(e) for e in events[:-1]]
@@ -243,83 +218,85 @@ async def test_chat_and_its_stream_starting_with_a_role_delta(start, session) ->
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
 
     with_usage = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    _, text = await call(session, "POST", sim.url + "/v1/chat/completions", json=with_usage)
+    _, text = await call(sim_session, "POST", sim.url + "/v1/chat/completions", json=with_usage)
     chunks = [orjson.loads(e) for e in sse(text)[:-1]]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and set(chunks[-1]["usage"]) == USAGE and "timings" in chunks[-1]
 
 
-async def test_without_a_limit_the_model_stops_as_if_at_eos(start, session) -> None:
-    sim = await start(n_predict=5)
-    _, native = await call(session, "POST", sim.url + "/completion", json={"prompt": "x"})
+async def test_without_a_limit_the_model_stops_as_if_at_eos(start_sim, sim_session) -> None:
+    sim = await start_sim(n_predict=5)
+    _, native = await call(sim_session, "POST", sim.url + "/completion", json={"prompt": "x"})
     assert native["tokens_predicted"] == 5 and native["stop_type"] == "eos"
-    _, reply = await call(session, "POST", sim.url + "/v1/chat/completions", json={"messages": []})
+    _, reply = await call(sim_session, "POST", sim.url + "/v1/chat/completions", json={"messages": []})
     assert reply["usage"]["completion_tokens"] == 5 and reply["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_generation_stops_when_the_context_is_full(start, session) -> None:
-    sim = await start(n_ctx=32)
-    _, native = await call(session, "POST", sim.url + "/completion", json={"prompt": "x" * 20, "n_predict": 100})
+async def test_generation_stops_when_the_context_is_full(start_sim, sim_session) -> None:
+    sim = await start_sim(n_ctx=32)
+    _, native = await call(sim_session, "POST", sim.url + "/completion", json={"prompt": "x" * 20, "n_predict": 100})
     assert native["tokens_predicted"] == 32 - 21 and native["truncated"] is True and native["stop_type"] == "limit"
 
 
-async def test_infill_answers_like_a_native_completion(start, session) -> None:
-    sim = await start()
+async def test_infill_answers_like_a_native_completion(start_sim, sim_session) -> None:
+    sim = await start_sim()
     body = {"input_prefix": "def f(", "input_suffix": ")\n", "input_extra": [{"filename": "a.py", "text": "x"}]}
-    status, reply = await call(session, "POST", sim.url + "/infill", json={**body, "n_predict": 2})
+    status, reply = await call(sim_session, "POST", sim.url + "/infill", json={**body, "n_predict": 2})
     assert status == 200 and set(reply) == NATIVE_FINAL
     assert "<|fim_prefix|>def f(<|fim_suffix|>)\n<|fim_middle|>" in reply["prompt"]
-    status, text = await call(session, "POST", sim.url + "/infill", json={**body, "n_predict": 2, "stream": True})
+    status, text = await call(sim_session, "POST", sim.url + "/infill", json={**body, "n_predict": 2, "stream": True})
     assert len(sse(text)) == 3 and "[DONE]" not in text
-    status, reply = await call(session, "POST", sim.url + "/infill", json={"input_prefix": "a"})
+    status, reply = await call(sim_session, "POST", sim.url + "/infill", json={"input_prefix": "a"})
     error_of(reply, 500, "server_error")
 
 
-async def test_embeddings_native_and_openai(start, session) -> None:
-    sim = await start()
-    status, native = await call(session, "POST", sim.url + "/embedding", json={"content": "hi"})
+async def test_embeddings_native_and_openai(start_sim, sim_session) -> None:
+    sim = await start_sim()
+    status, native = await call(sim_session, "POST", sim.url + "/embedding", json={"content": "hi"})
     assert status == 200 and [set(e) for e in native] == [{"index", "embedding"}]
     (vector,) = native[0]["embedding"]
     assert len(vector) == 128 and math.isclose(math.hypot(*vector), 1.0, rel_tol=1e-6)
-    _, several = await call(session, "POST", sim.url + "/embeddings", json={"input": ["hi", "yo"]})
+    _, several = await call(sim_session, "POST", sim.url + "/embeddings", json={"input": ["hi", "yo"]})
     assert [e["index"] for e in several] == [0, 1] and several[0]["embedding"] == native[0]["embedding"]
 
-    status, oai = await call(session, "POST", sim.url + "/v1/embeddings", json={"input": ["hi", "yo"], "model": "foo"})
+    status, oai = await call(
+        sim_session, "POST", sim.url + "/v1/embeddings", json={"input": ["hi", "yo"], "model": "foo"}
+    )
     assert status == 200 and set(oai) == {"model", "object", "usage", "data"} and oai["model"] == "foo"
     assert oai["usage"] == {"prompt_tokens": 6, "total_tokens": 6}
     assert [set(d) for d in oai["data"]] == [{"embedding", "index", "object"}] * 2
     assert oai["data"][0]["embedding"] == vector and oai["data"][1]["embedding"] != vector
     as_base64 = {"input": "hi", "encoding_format": "base64"}
-    _, packed = await call(session, "POST", sim.url + "/v1/embeddings", json=as_base64)
+    _, packed = await call(sim_session, "POST", sim.url + "/v1/embeddings", json=as_base64)
     assert packed["model"] == "chat-model"
     raw = base64.b64decode(packed["data"][0]["embedding"])
     assert list(struct.unpack("<128f", raw)) == pytest.approx(vector, rel=1e-6)
 
-    status, reply = await call(session, "POST", sim.url + "/v1/embeddings", json={})
+    status, reply = await call(sim_session, "POST", sim.url + "/v1/embeddings", json={})
     error_of(reply, 400, "invalid_request_error")
-    status, reply = await call(session, "POST", sim.url + "/v1/embeddings", json={"input": "a" * 600})
+    status, reply = await call(sim_session, "POST", sim.url + "/v1/embeddings", json={"input": "a" * 600})
     error_of(reply, 500, "server_error")
 
 
-async def test_tokenize_detokenize_and_apply_template(start, session) -> None:
-    sim = await start()
-    _, reply = await call(session, "POST", sim.url + "/tokenize", json={"content": "hé"})
+async def test_tokenize_detokenize_and_apply_template(start_sim, sim_session) -> None:
+    sim = await start_sim()
+    _, reply = await call(sim_session, "POST", sim.url + "/tokenize", json={"content": "hé"})
     assert reply == {"tokens": [107, 198, 172]}
     with_pieces = {"content": "hé", "with_pieces": True, "add_special": True}
-    _, reply = await call(session, "POST", sim.url + "/tokenize", json=with_pieces)
+    _, reply = await call(sim_session, "POST", sim.url + "/tokenize", json=with_pieces)
     pieces = [(1, "<s>"), (107, "h"), (198, [195]), (172, [169])]
     assert reply == {"tokens": [{"id": i, "piece": p} for i, p in pieces]}
-    _, reply = await call(session, "POST", sim.url + "/detokenize", json={"tokens": [1, 107, 198, 172]})
+    _, reply = await call(sim_session, "POST", sim.url + "/detokenize", json={"tokens": [1, 107, 198, 172]})
     assert reply == {"content": "<s>hé"}
     parts = [{"type": "text", "text": "hi"}]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}]
-    _, reply = await call(session, "POST", sim.url + "/apply-template", json={"messages": messages})
+    _, reply = await call(sim_session, "POST", sim.url + "/apply-template", json={"messages": messages})
     chatml = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert reply == {"prompt": chatml}
 
 
-async def test_a_stream_ends_by_closing_its_connection_a_plain_reply_keeps_it(start) -> None:
-    sim = await start()
+async def test_a_stream_ends_by_closing_its_connection_a_plain_reply_keeps_it(start_sim) -> None:
+    sim = await start_sim()
     reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
 
     def post(body: dict[str, Any]) -> bytes:
@@ -345,18 +322,18 @@ async def test_a_stream_ends_by_closing_its_connection_a_plain_reply_keeps_it(st
 # --- errors, auth, loading -------------------------------------------------------
 
 
-async def test_unknown_paths_and_wrong_methods_are_404(start, session) -> None:
-    sim = await start()
+async def test_unknown_paths_and_wrong_methods_are_404(start_sim, sim_session) -> None:
+    sim = await start_sim()
     expected = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
     for method, path in [("GET", "/nope"), ("GET", "/v1/chat/completions"), ("POST", "/health"), ("GET", "/tokenize")]:
-        status, body = await call(session, method, sim.url + path)
+        status, body = await call(sim_session, method, sim.url + path)
         assert (status, body) == (404, expected), (method, path)
 
 
-async def test_bad_bodies_get_llama_server_errors(start, session) -> None:
-    sim = await start()
+async def test_bad_bodies_get_llama_server_errors(start_sim, sim_session) -> None:
+    sim = await start_sim()
     # This llama-server build (0.5.0-dev, from llama-cpp-python 0.3.36) answers malformed JSON 500, not 400.
-    status, body = await call(session, "POST", sim.url + "/v1/chat/completions", data=b"{bad")
+    status, body = await call(sim_session, "POST", sim.url + "/v1/chat/completions", data=b"{bad")
     assert status == 500
     assert error_of(body, 500, "server_error")["message"].startswith("[json.exception.parse_error.101]")
     for path, payload, message in [
@@ -365,59 +342,61 @@ async def test_bad_bodies_get_llama_server_errors(start, session) -> None:
         ("/completion", {}, "[json.exception.out_of_range.403] key 'prompt' not found"),
         ("/completion", {"prompt": "x", "n_predict": "a"}, "Field 'n_predict'"),
     ]:
-        status, body = await call(session, "POST", sim.url + path, json=payload)
+        status, body = await call(sim_session, "POST", sim.url + path, json=payload)
         assert status == 400 and error_of(body, 400, "invalid_request_error")["message"].startswith(message), body
 
 
 @pytest.mark.parametrize("path", ["/completion", "/v1/completions", "/v1/chat/completions"])
-async def test_a_prompt_over_the_context_is_a_plain_400_even_when_streaming(start, session, path) -> None:
-    sim = await start(n_ctx=64)
+async def test_a_prompt_over_the_context_is_a_plain_400_even_when_streaming(start_sim, sim_session, path) -> None:
+    sim = await start_sim(n_ctx=64)
     body = {"prompt": "x" * 100, "messages": [{"role": "user", "content": "x" * 100}], "stream": True}
-    async with session.post(sim.url + path, json=body) as r:
+    async with sim_session.post(sim.url + path, json=body) as r:
         assert r.status == 400 and r.content_type == "application/json"
         error = error_of(await r.json(), 400, "exceed_context_size_error")
     assert error["n_ctx"] == 64 and error["n_prompt_tokens"] > 64
     assert sim.busy_slots == 0
 
 
-async def test_the_api_key_guards_everything_but_health(start, session) -> None:
-    sim = await start(api_key="sekrit")
+async def test_the_api_key_guards_everything_but_health(start_sim, sim_session) -> None:
+    sim = await start_sim(api_key="sekrit")
     denied = {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}}
-    assert (await call(session, "GET", sim.url + "/health"))[0] == 200
-    assert (await call(session, "GET", sim.url + "/v1/health"))[0] == 200
+    assert (await call(sim_session, "GET", sim.url + "/health"))[0] == 200
+    assert (await call(sim_session, "GET", sim.url + "/v1/health"))[0] == 200
     for path in ("/v1/models", "/props", "/slots", "/metrics", "/nope"):
-        assert await call(session, "GET", sim.url + path) == (401, denied)
+        assert await call(sim_session, "GET", sim.url + path) == (401, denied)
     wrong = {"Authorization": "Bearer wrong"}
-    assert await call(session, "GET", sim.url + "/v1/models", headers=wrong) == (401, denied)
-    assert (await call(session, "GET", sim.url + "/v1/models", headers={"Authorization": "Bearer sekrit"}))[0] == 200
-    assert (await call(session, "GET", sim.url + "/v1/models", headers={"X-Api-Key": "sekrit"}))[0] == 200
+    assert await call(sim_session, "GET", sim.url + "/v1/models", headers=wrong) == (401, denied)
+    assert (
+        await call(sim_session, "GET", sim.url + "/v1/models", headers={"Authorization": "Bearer sekrit"})
+    )[0] == 200
+    assert (await call(sim_session, "GET", sim.url + "/v1/models", headers={"X-Api-Key": "sekrit"}))[0] == 200
     both = {"Authorization": "Bearer wrong", "X-Api-Key": "sekrit"}
-    assert (await call(session, "GET", sim.url + "/v1/models", headers=both))[0] == 401
-    assert (await call(session, "GET", sim.url + "/nope", headers={"X-Api-Key": "sekrit"}))[0] == 404
+    assert (await call(sim_session, "GET", sim.url + "/v1/models", headers=both))[0] == 401
+    assert (await call(sim_session, "GET", sim.url + "/nope", headers={"X-Api-Key": "sekrit"}))[0] == 404
 
 
-async def test_every_path_answers_503_while_loading_then_the_server_is_ready(start, session) -> None:
-    sim = await start(load_seconds=0.4, api_key="sekrit")
+async def test_every_path_answers_503_while_loading_then_the_server_is_ready(start_sim, sim_session) -> None:
+    sim = await start_sim(load_seconds=0.4, api_key="sekrit")
     loading = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
     for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/completion"), ("GET", "/nope")]:
-        assert await call(session, method, sim.url + path) == (503, loading), path
+        assert await call(sim_session, method, sim.url + path) == (503, loading), path
     await asyncio.sleep(0.5)
-    assert await call(session, "GET", sim.url + "/health") == (200, {"status": "ok"})
-    assert (await call(session, "GET", sim.url + "/v1/models"))[0] == 401
+    assert await call(sim_session, "GET", sim.url + "/health") == (200, {"status": "ok"})
+    assert (await call(sim_session, "GET", sim.url + "/v1/models"))[0] == 401
 
 
-async def test_the_model_field_is_never_checked(start, session) -> None:
-    sim = await start()
+async def test_the_model_field_is_never_checked(start_sim, sim_session) -> None:
+    sim = await start_sim()
     body = {"model": "whatever-unknown", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    status, reply = await call(session, "POST", sim.url + "/v1/chat/completions", json=body)
+    status, reply = await call(sim_session, "POST", sim.url + "/v1/chat/completions", json=body)
     assert status == 200 and reply["model"] == "chat-model"
 
 
-async def test_the_app_also_runs_under_pytest_aiohttp(aiohttp_server, session) -> None:
+async def test_the_app_also_runs_under_pytest_aiohttp(aiohttp_server, sim_session) -> None:
     sim = SimServer(SimConfig(model="m", decode_ms=0.0))
     server = await aiohttp_server(sim.app)  # its runner cancels handlers too
     url = str(server.make_url("/completion"))
-    status, body = await call(session, "POST", url, json={"prompt": "x", "n_predict": 2})
+    status, body = await call(sim_session, "POST", url, json={"prompt": "x", "n_predict": 2})
     assert status == 200 and body["tokens_predicted"] == 2
     with pytest.raises(ValueError, match="needs a listener"):
         sim.set_fault("refuse")

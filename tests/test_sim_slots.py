@@ -8,50 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
-from olla.sim import SimConfig, SimServer
 from olla.sim.slots import Slot, SlotPool, choose
-
-Start = Callable[..., Awaitable[SimServer]]
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    servers: list[SimServer] = []
-
-    async def _start(**overrides: Any) -> SimServer:
-        sim = SimServer(SimConfig(**{"model": "chat-model", "prefill_ms": 0.0, "decode_ms": 1.0, **overrides}))
-        await sim.start()
-        servers.append(sim)
-        return sim
-
-    yield _start
-    for sim in servers:
-        await sim.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    # A fresh connection per request: like llama-server, the emulator hangs up after each stream.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        yield s
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> float:
-    """Seconds until `predicate()` holds; fails the test after `timeout`."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.002)
-    return time.monotonic() - started
-
+from tests.simkit import until
 
 async def data_events(response: aiohttp.ClientResponse, count: int) -> list[float]:
     """Read `count` SSE data events; the time each arrived."""
@@ -103,14 +65,16 @@ async def test_the_pool_serves_waiters_in_arrival_order_and_forgets_the_cancelle
 # --- queueing over HTTP ------------------------------------------------------------
 
 
-async def test_two_slots_serve_six_requests_in_three_waves_and_queued_ones_get_no_headers(start, session) -> None:
-    sim = await start(slots=2, decode_ms=40.0)
+async def test_two_slots_serve_six_requests_in_three_waves_and_queued_ones_get_no_headers(
+    start_sim, sim_session
+) -> None:
+    sim = await start_sim(slots=2, decode_ms=40.0)
     started = time.monotonic()
     headers_at: list[float] = []
 
     async def one(i: int) -> tuple[int, float]:
         body = {"prompt": f"wave {i}", "n_predict": 4, "stream": True}
-        async with session.post(sim.url + "/completion", json=body) as r:
+        async with sim_session.post(sim.url + "/completion", json=body) as r:
             headers_at.append(time.monotonic() - started)
             await r.read()
             return r.status, time.monotonic() - started
@@ -129,12 +93,12 @@ async def test_two_slots_serve_six_requests_in_three_waves_and_queued_ones_get_n
     assert finished[2] <= sorted(headers_at)[4], (headers_at, finished)
 
 
-async def test_extending_a_prompt_reuses_the_slot_cache(start, session) -> None:
-    sim = await start(slots=2, prefill_ms=1.0)
+async def test_extending_a_prompt_reuses_the_slot_cache(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=2, prefill_ms=1.0)
     history = "You are a terse assistant. " * 8
-    async with session.post(sim.url + "/completion", json={"prompt": history, "n_predict": 2}) as r:
+    async with sim_session.post(sim.url + "/completion", json={"prompt": history, "n_predict": 2}) as r:
         first = (await r.json())["timings"]
-    async with session.post(sim.url + "/completion", json={"prompt": history + "More.", "n_predict": 2}) as r:
+    async with sim_session.post(sim.url + "/completion", json={"prompt": history + "More.", "n_predict": 2}) as r:
         second = (await r.json())["timings"]
     assert first["cache_n"] == 0 and first["prompt_n"] == len(history) + 1
     assert second["cache_n"] == len(history) + 1 and second["prompt_n"] == len("More.")
@@ -142,22 +106,22 @@ async def test_extending_a_prompt_reuses_the_slot_cache(start, session) -> None:
     assert first["prompt_ms"] >= len(history)  # 1 ms per uncached token, never less
 
 
-async def test_a_repeated_chat_is_cached_but_for_one_token(start, session) -> None:
-    sim = await start(slots=2)
+async def test_a_repeated_chat_is_cached_but_for_one_token(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=2)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    async with session.post(sim.url + "/v1/chat/completions", json=body) as r:
+    async with sim_session.post(sim.url + "/v1/chat/completions", json=body) as r:
         first = (await r.json())["usage"]
-    async with session.post(sim.url + "/v1/chat/completions", json=body) as r:
+    async with sim_session.post(sim.url + "/v1/chat/completions", json=body) as r:
         second = (await r.json())["usage"]
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] - 1
-    async with session.post(sim.url + "/v1/chat/completions", json={**body, "cache_prompt": False}) as r:
+    async with sim_session.post(sim.url + "/v1/chat/completions", json={**body, "cache_prompt": False}) as r:
         assert (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
-async def test_streamed_tokens_arrive_as_they_are_produced(start, session) -> None:
-    sim = await start(decode_ms=50.0)
-    async with session.post(sim.url + "/completion", json={"prompt": "x", "n_predict": 6, "stream": True}) as r:
+async def test_streamed_tokens_arrive_as_they_are_produced(start_sim, sim_session) -> None:
+    sim = await start_sim(decode_ms=50.0)
+    async with sim_session.post(sim.url + "/completion", json={"prompt": "x", "n_predict": 6, "stream": True}) as r:
         times = await data_events(r, 7)
     tokens = times[:6]
     assert tokens == sorted(tokens)
@@ -165,33 +129,33 @@ async def test_streamed_tokens_arrive_as_they_are_produced(start, session) -> No
     assert tokens[-1] - tokens[0] >= 0.5 * 5 * 0.050, times
 
 
-async def test_a_busy_server_fails_the_no_slot_probe_and_counts_the_deferred(start, session) -> None:
-    sim = await start(slots=1, decode_ms=20.0)
-    long = asyncio.create_task(session.post(sim.url + "/completion", json={"prompt": "a", "n_predict": 50}))
-    queued = asyncio.create_task(session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1}))
+async def test_a_busy_server_fails_the_no_slot_probe_and_counts_the_deferred(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=1, decode_ms=20.0)
+    long = asyncio.create_task(sim_session.post(sim.url + "/completion", json={"prompt": "a", "n_predict": 50}))
+    queued = asyncio.create_task(sim_session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1}))
     await until(lambda: sim.busy_slots == 1 and sim.waiting == 1)
-    async with session.get(sim.url + "/slots?fail_on_no_slot=1") as r:
+    async with sim_session.get(sim.url + "/slots?fail_on_no_slot=1") as r:
         assert r.status == 503
         assert await r.json() == {"error": {"code": 503, "message": "no slot available", "type": "unavailable_error"}}
-    async with session.get(sim.url + "/slots") as r:
+    async with sim_session.get(sim.url + "/slots") as r:
         assert (await r.json())[0]["is_processing"] is True
-    async with session.get(sim.url + "/metrics") as r:
+    async with sim_session.get(sim.url + "/metrics") as r:
         text = await r.text()
     assert "llamacpp:requests_processing 1\n" in text and "llamacpp:requests_deferred 1\n" in text
     for task in (long, queued):
         response = await task
         assert response.status == 200
         response.release()
-    async with session.get(sim.url + "/slots?fail_on_no_slot=1") as r:
+    async with sim_session.get(sim.url + "/slots?fail_on_no_slot=1") as r:
         assert r.status == 200
 
 
-async def test_a_pinned_slot_is_waited_for_even_when_another_is_idle(start, session) -> None:
-    sim = await start(slots=2, decode_ms=20.0)
+async def test_a_pinned_slot_is_waited_for_even_when_another_is_idle(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=2, decode_ms=20.0)
     pinned = {"prompt": "a", "n_predict": 10, "id_slot": 0}
-    first = asyncio.create_task(session.post(sim.url + "/completion", json=pinned))
+    first = asyncio.create_task(sim_session.post(sim.url + "/completion", json=pinned))
     await until(lambda: sim.busy_slots == 1)
-    async with session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1, "id_slot": 2}) as r:
+    async with sim_session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1, "id_slot": 2}) as r:
         assert (await r.json())["id_slot"] == 0
     assert first.done()
     (await first).release()
@@ -200,19 +164,21 @@ async def test_a_pinned_slot_is_waited_for_even_when_another_is_idle(start, sess
 # --- clients that leave ------------------------------------------------------------
 
 
-async def test_a_client_leaving_mid_stream_frees_its_slot_at_once(start, session) -> None:
-    sim = await start(slots=1, decode_ms=20.0)
-    r = await session.post(sim.url + "/v1/chat/completions", json={"messages": [], "max_tokens": 500, "stream": True})
+async def test_a_client_leaving_mid_stream_frees_its_slot_at_once(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=1, decode_ms=20.0)
+    r = await sim_session.post(
+        sim.url + "/v1/chat/completions", json={"messages": [], "max_tokens": 500, "stream": True}
+    )
     await data_events(r, 3)
     assert sim.busy_slots == 1
     r.close()
     assert await until(lambda: sim.busy_slots == 0) < 0.1
 
 
-async def test_a_client_leaving_while_queued_gives_up_its_place_at_once(start, session) -> None:
-    sim = await start(slots=1, decode_ms=20.0)
-    holder = await session.post(sim.url + "/completion", json={"prompt": "a", "n_predict": 500, "stream": True})
-    queued = asyncio.create_task(session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1}))
+async def test_a_client_leaving_while_queued_gives_up_its_place_at_once(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=1, decode_ms=20.0)
+    holder = await sim_session.post(sim.url + "/completion", json={"prompt": "a", "n_predict": 500, "stream": True})
+    queued = asyncio.create_task(sim_session.post(sim.url + "/completion", json={"prompt": "b", "n_predict": 1}))
     await until(lambda: sim.waiting == 1)
     queued.cancel()
     assert await until(lambda: sim.waiting == 0) < 0.1
@@ -221,9 +187,9 @@ async def test_a_client_leaving_while_queued_gives_up_its_place_at_once(start, s
     await until(lambda: sim.busy_slots == 0)
 
 
-async def test_a_client_leaving_during_prefill_frees_its_slot_at_once(start, session) -> None:
-    sim = await start(slots=1, prefill_ms=10.0)
-    request = asyncio.create_task(session.post(sim.url + "/completion", json={"prompt": "x" * 500, "n_predict": 1}))
+async def test_a_client_leaving_during_prefill_frees_its_slot_at_once(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=1, prefill_ms=10.0)
+    request = asyncio.create_task(sim_session.post(sim.url + "/completion", json={"prompt": "x" * 500, "n_predict": 1}))
     await until(lambda: sim.busy_slots == 1)
     request.cancel()
     assert await until(lambda: sim.busy_slots == 0) < 0.1

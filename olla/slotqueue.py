@@ -1,0 +1,133 @@
+"""The router's queue: a request that needs a slot waits here, not on a busy llama-server.
+
+llama-server accepts everything and parks requests beyond its slots in a queue
+of its own, sending no headers until a slot frees, while another endpoint may
+sit idle. So a request that takes a slot claims one through `acquire`: at once
+when the balancer finds a free slot and nobody is waiting, otherwise in its
+pool's FIFO. Every released slot, recovery or newly learned capacity hands free
+slots to waiters in arrival order (a waiter that cannot use the freed endpoint,
+having already failed there, lets the next one have it).
+
+A full queue, or a wait beyond the timeout, answers 503 `slots_exhausted` with
+Retry-After. A client that leaves while waiting is simply dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from olla.balancer import Balancer
+from olla.endpoint import Endpoint
+from olla.errors import NoHealthyEndpoint, SlotsExhausted
+from olla.metrics import Metrics
+from olla.registry import Pool
+
+
+@dataclass(eq=False)
+class Waiter:
+    future: asyncio.Future[Endpoint]
+    exclude: tuple[Endpoint, ...]
+    preferred: Endpoint | None
+
+
+@dataclass(eq=False)
+class Waitlist:
+    pool: Pool
+    label: str
+    waiters: deque[Waiter] = field(default_factory=deque)
+    waited: int = 0
+    wait_seconds: float = 0.0
+    rejected: int = 0
+
+
+class SlotQueue:
+    def __init__(self, balancer: Balancer, max_size: int, timeout: float, metrics: Metrics) -> None:
+        self.balancer = balancer
+        self.max_size = max_size
+        self.timeout = timeout
+        self.metrics = metrics
+        self.waitlists: dict[frozenset[str], Waitlist] = {}
+
+    async def acquire(self, pool: Pool, exclude: Sequence[Endpoint] = (), preferred: Endpoint | None = None) -> Endpoint:
+        """An endpoint of the pool with a slot claimed for this request; may wait for one."""
+        tiers = pool.tiers(exclude)
+        if not tiers:
+            raise NoHealthyEndpoint(pool.unavailable_reason())
+        waitlist = self._waitlist(pool)
+        if not waitlist.waiters:
+            endpoint = self.balancer.pick(tiers, preferred)
+            if endpoint is not None:
+                endpoint.slots.claim()
+                return endpoint
+        if len(waitlist.waiters) >= self.max_size:
+            self._reject(waitlist, "full")
+            raise SlotsExhausted()
+        waiter = Waiter(asyncio.get_running_loop().create_future(), tuple(exclude), preferred)
+        waitlist.waiters.append(waiter)
+        self.metrics.queue_length.labels(waitlist.label).set(len(waitlist.waiters))
+        self._dispatch(waitlist)  # those ahead may already hold their slots, and one may be free
+        started = time.monotonic()
+        taken: Endpoint | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                taken = await waiter.future
+                return taken
+        except TimeoutError:
+            self._reject(waitlist, "timeout")
+            raise SlotsExhausted() from None
+        finally:
+            self._leave(waitlist, waiter, time.monotonic() - started)
+            future = waiter.future
+            if taken is None and future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())  # handed a slot in the instant it timed out or its client left
+
+    def release(self, endpoint: Endpoint) -> None:
+        endpoint.slots.release()
+        self.wake(endpoint)
+
+    def wake(self, endpoint: Endpoint | None = None) -> None:
+        """Capacity may have appeared (on `endpoint`, or anywhere): serve waiters in arrival order."""
+        for waitlist in list(self.waitlists.values()):
+            if waitlist.waiters and (endpoint is None or endpoint in waitlist.pool.members):
+                self._dispatch(waitlist)
+
+    def _dispatch(self, waitlist: Waitlist) -> None:
+        if not waitlist.pool.tiers():
+            failure = NoHealthyEndpoint(waitlist.pool.unavailable_reason())
+            for waiter in waitlist.waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(failure)
+            return
+        for waiter in list(waitlist.waiters):
+            if waiter.future.done():
+                continue
+            tiers = waitlist.pool.tiers(waiter.exclude)
+            endpoint = self.balancer.pick(tiers, waiter.preferred) if tiers else None
+            if endpoint is None:
+                continue
+            endpoint.slots.claim()
+            waiter.future.set_result(endpoint)
+
+    def _leave(self, waitlist: Waitlist, waiter: Waiter, waited: float) -> None:
+        waitlist.waiters.remove(waiter)
+        waitlist.waited += 1
+        waitlist.wait_seconds += waited
+        self.metrics.queue_wait.labels(waitlist.label).observe(waited)
+        self.metrics.queue_length.labels(waitlist.label).set(len(waitlist.waiters))
+
+    def _reject(self, waitlist: Waitlist, reason: str) -> None:
+        waitlist.rejected += 1
+        self.metrics.queue_rejected.labels(waitlist.label, reason).inc()
+
+    def _waitlist(self, pool: Pool) -> Waitlist:
+        key = frozenset(e.name for e in pool.members)
+        waitlist = self.waitlists.get(key)
+        if waitlist is None:
+            first = pool.members[0]
+            label = first.discovery.models[0] if first.discovery else pool.model
+            waitlist = self.waitlists[key] = Waitlist(pool, label)
+        return waitlist
