@@ -16,20 +16,15 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
-import yaml
 
+from bench.common import RESULTS, process, router, wait_http
 from tests.llamacpp import LlamaServers, ServerSpec, free_port, tiny_model
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 MODEL = "bench-model"
 
 WORKLOADS = {
@@ -39,46 +34,18 @@ WORKLOADS = {
 }
 
 
-async def _wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise TimeoutError(url)
-
-
-@contextlib.contextmanager
-def process(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def router_for(url: str) -> Iterator[str]:
-    port = free_port()
     config = {
-        "server": {"host": "127.0.0.1", "port": port},
         "discovery": {"static": {"endpoints": [{"name": "bench", "url": url, "type": "llamacpp"}]}},
         "logging": {"level": "warning"},
     }
-    path = Path(tempfile.mkdtemp()) / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with process([sys.executable, "-m", "olla", "serve", "-c", str(path)]):
-        base = f"http://127.0.0.1:{port}"
+    with router(config) as base:
         asyncio.run(_wait_routable(base))
         yield base + "/olla/llamacpp"
 
 
 async def _wait_routable(base: str) -> None:
-    await _wait_http(base + "/internal/health")
     async with aiohttp.ClientSession() as session:
         for _ in range(300):
             async with session.get(base + "/olla/llamacpp/v1/models") as r:
@@ -154,7 +121,7 @@ def main() -> None:
                 "--prefill-ms", "0", "--decode-ms", "0", "--host", "127.0.0.1"]  # fmt: skip
     with process(sim_args):
         sim_url = f"http://127.0.0.1:{sim_port}"
-        asyncio.run(_wait_http(sim_url + "/health"))
+        asyncio.run(wait_http(sim_url + "/health"))
         with router_for(sim_url) as routed:
             rows += compare("emulator", sim_url, routed, args.rounds, args.requests, levels)
     spec = ServerSpec(model=tiny_model("chat"), alias=MODEL, slots=16, ctx_per_slot=256, threads=1)

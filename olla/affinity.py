@@ -51,10 +51,13 @@ def keys_for(model: str, route: str, document: Any, session_id: str | None) -> K
         return Keys((key,), key)
     if not isinstance(document, dict):
         return None
-    if route in CHAT_ROUTES:
-        return _chat_keys(root, document)
-    if route in PROMPT_ROUTES:
-        return _prompt_keys(root, document)
+    try:
+        if route in CHAT_ROUTES:
+            return _chat_keys(root, document)
+        if route in PROMPT_ROUTES:
+            return _prompt_keys(root, document)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels): nothing to remember
+        return None
     return None
 
 

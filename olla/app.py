@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from olla import discovery, health
+from olla import admission, discovery, health
+from olla.admission import Admission
 from olla.affinity import AffinityMap
 from olla.balancer import BALANCERS
 from olla.config import Config
-from olla.exchange import middleware
+from olla.exchange import middleware as exchange_middleware
 from olla.metrics import Metrics
 from olla.proxy import Proxy
 from olla.registry import Registry
@@ -27,6 +28,8 @@ METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
 PROXY = web.AppKey("proxy", Proxy)
 QUEUE = web.AppKey("queue", SlotQueue)
+ADMISSION = web.AppKey("admission", Admission)
+HEALTH_PATH = "/internal/health"  # always open: probes carry no key
 
 
 def create_app(config: Config) -> web.Application:
@@ -37,13 +40,23 @@ def create_app(config: Config) -> web.Application:
     balancer = BALANCERS[config.proxy.load_balancer]()
     queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics)
     registry.listeners.append(queue.wake)
+    status = Status(registry, metrics, queue)
+    # Status routes need a key only with server.auth.protect_status, and have their own rate budget.
+    status_routes = {"/internal/status": status.status, "/internal/status/endpoints": status.endpoints,
+                     "/internal/status/models": status.status_models, "/metrics": status.prometheus}  # fmt: skip
+    gate = Admission(config.server, metrics, frozenset({HEALTH_PATH}), frozenset(status_routes))
+    # Outermost first: the exchange middleware renders and logs what admission refuses (CORS → auth → rate limit).
     # Bodies are read and limited by the proxy itself, which answers 413 in OpenAI's shape.
-    app = web.Application(middlewares=[middleware(metrics)], client_max_size=config.server.max_body_size)
+    app = web.Application(
+        middlewares=[exchange_middleware(metrics), admission.middleware(gate)],
+        client_max_size=config.server.max_body_size,
+    )
+    app.on_response_prepare.append(gate.on_prepare)
     app[CONFIG] = config
+    app[ADMISSION] = gate
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[QUEUE] = queue
-    status = Status(registry, metrics, queue)
 
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_monitors)
@@ -54,11 +67,9 @@ def create_app(config: Config) -> web.Application:
             routes.add_get(f"/olla/{prefix}{profile.models_path}", status.openai_models, allow_head=False)
             routes.add_route("*", f"/olla/{prefix}/{{tail:.*}}", _proxied(app, profile))
     routes.add_get("/olla/models", status.models)
-    routes.add_get("/internal/health", status.health)
-    routes.add_get("/internal/status", status.status)
-    routes.add_get("/internal/status/endpoints", status.endpoints)
-    routes.add_get("/internal/status/models", status.status_models)
-    routes.add_get("/metrics", status.prometheus)
+    routes.add_get(HEALTH_PATH, status.health)
+    for path, handler in status_routes.items():
+        routes.add_get(path, handler)
     return app
 
 

@@ -1,14 +1,15 @@
 """The `olla` command: arguments, logging, and the serve lifecycle.
 
-serve: load config → start (the demo's emulated fleet, then the router) →
-wait for SIGTERM/SIGINT → drain in-flight requests up to `shutdown_timeout`
-→ exit 0. A second signal exits at once.
+serve: load config → start (the demo's emulated fleet, then the router behind
+its listener, olla/listener.py) → wait for SIGTERM/SIGINT → drain in-flight
+requests up to `shutdown_timeout` → exit 0. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -33,14 +34,23 @@ class JsonFormatter(logging.Formatter):
         entry.update((k, v) for k, v in vars(record).items() if k not in RECORD_FIELDS)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # a lone surrogate (a client's undecodable byte): escaped, rather than the line lost
+            return json.dumps(entry, default=str)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in RECORD_FIELDS)
+        extra = " ".join(f"{k}={_text(v)}" for k, v in vars(record).items() if k not in RECORD_FIELDS)
         line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
         return f"{line} {extra}".rstrip()
+
+
+def _text(value: object) -> str:
+    """A field value on one line: a client's path may hold a decoded newline that would forge a log line."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -102,23 +112,16 @@ async def serve_demo(host: str, port: int) -> int:
 
 
 async def serve(config) -> int:  # type: ignore[no-untyped-def]
-    from aiohttp import web
-
     from olla.app import create_app
+    from olla.listener import Listener
 
-    runner = web.AppRunner(
-        create_app(config), handler_cancellation=True, shutdown_timeout=config.server.shutdown_timeout,
-        access_log=None,
-    )  # fmt: skip
-    await runner.setup()
+    host, port = config.server.host, config.server.port
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
-        await site.start()
+        listener = await Listener.start(create_app(config), host, port, shutdown_timeout=config.server.shutdown_timeout)
     except OSError as exc:
-        await runner.cleanup()
-        log.error("cannot listen", extra={"host": config.server.host, "port": config.server.port, "error": str(exc)})
+        log.error("cannot listen", extra={"host": host, "port": port, "error": str(exc)})
         return 1
-    log.info("listening", extra={"url": f"http://{config.server.host}:{config.server.port}", "version": __version__,
+    log.info("listening", extra={"url": f"http://{host}:{port}", "version": __version__,
                                  "endpoints": len(config.discovery.endpoints)})  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,7 +136,7 @@ async def serve(config) -> int:  # type: ignore[no-untyped-def]
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
-    await runner.cleanup()
+    await listener.stop()
     log.info("stopped")
     return 0
 

@@ -3,8 +3,9 @@
 `load_config` reads a file; `parse_config` validates already-parsed data. Every
 problem is collected (`olla.checks`), then one `ConfigError` lists them all, each as
 `<file>: <key.path[index]>: <problem>: got <value>; expected <what>`.
-Header values are secrets and are never echoed. What a single value may look like
-(durations, sizes, `${VAR}`, URLs) is `olla.values`; this module knows the keys.
+Header values and API keys are secrets and are never echoed. What a single value may
+look like (durations, sizes, `${VAR}`, URLs) is `olla.values`; this module knows the keys,
+except those of `server.auth`, `server.rate_limits` and `server.cors` (`olla.admission_config`).
 
 Profiles are read here too (they are YAML) and validated by the pure
 `olla.profiles.parse_profile`, because endpoint `type` must name a loaded profile.
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from olla.admission_config import AuthConfig, CorsConfig, RateLimitConfig, parse_auth, parse_cors, parse_rate_limits
 from olla.checks import Bad, Checks, NotExpanded, key_path
 from olla.errors import ConfigError
 from olla.profiles import HEADER_NAME_PATTERN, Profile, parse_profile, prefix_conflicts
@@ -63,6 +65,9 @@ class ServerConfig:
     port: int = 40114
     max_body_size: int = 100 * 1024 * 1024
     shutdown_timeout: float = 10.0
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    cors: CorsConfig = CorsConfig()
 
 
 @dataclass(frozen=True)
@@ -286,11 +291,13 @@ def parse_config(
     data: Any, source: str, env: Mapping[str, str] | None = None, *, base_dir: str | Path | None = None
 ) -> Config:
     """Validate parsed YAML; raises ConfigError listing every problem. Relative paths resolve against base_dir."""
-    r = Checks(source, width=100, scrub=without_password, expand=_expander(os.environ if env is None else env))
+    env = os.environ if env is None else env
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    r = Checks(source, width=100, scrub=without_password, expand=_expander(env))
     top = r.mapping(data, "", _TOP_KEYS)
-    profiles, profiles_ok = _profiles(r, top, Path.cwd() if base_dir is None else Path(base_dir))
+    profiles, profiles_ok = _profiles(r, top, base)
     config = Config(
-        server=_server(r, top.get("server")),
+        server=_server(r, top.get("server"), env, base),
         proxy=_proxy(r, top.get("proxy")),
         discovery=_discovery(r, top.get("discovery"), profiles if profiles_ok else None),
         model_aliases=_aliases(r, top.get("model_aliases"), "model_aliases"),
@@ -322,9 +329,10 @@ def _profiles(r: Checks, top: Mapping[Any, Any], base_dir: Path) -> tuple[Mappin
     return MappingProxyType(profiles), not problems
 
 
-def _server(r: Checks, value: Any) -> ServerConfig:
+def _server(r: Checks, value: Any, env: Mapping[str, str], base_dir: Path) -> ServerConfig:
     d = ServerConfig()
-    m = r.mapping(value, "server", ("host", "port", "request_limits", "shutdown_timeout"))
+    keys = ("host", "port", "request_limits", "shutdown_timeout", "auth", "rate_limits", "cors")
+    m = r.mapping(value, "server", keys)
     limits = r.mapping(m.get("request_limits"), "server.request_limits", ("max_body_size",))
     return ServerConfig(
         host=r.get(m, "host", "server", d.host, text, "a host name or IP address"),
@@ -333,6 +341,9 @@ def _server(r: Checks, value: Any) -> ServerConfig:
             limits, "max_body_size", "server.request_limits", d.max_body_size, size, f"{SIZE_EXPECTED}, above zero"
         ),
         shutdown_timeout=r.get(m, "shutdown_timeout", "server", d.shutdown_timeout, duration(0), DURATION_EXPECTED),
+        auth=parse_auth(r, m.get("auth"), env, base_dir),
+        rate_limits=parse_rate_limits(r, m.get("rate_limits")),
+        cors=parse_cors(r, m.get("cors")),
     )
 
 

@@ -39,7 +39,8 @@ def parse_discovery(models: Any, props: Any) -> Discovery:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
             names.append(entry["id"])
             names.extend(a for a in entry.get("aliases") or () if isinstance(a, str))
-            meta = meta or (entry.get("meta") if isinstance(entry.get("meta"), dict) else {})
+            found = entry.get("meta")
+            meta = meta or (found if isinstance(found, dict) else {})
     if not names:
         raise ValueError("no entry in 'data' has a string 'id'")
     props = props if isinstance(props, dict) else {}

@@ -98,10 +98,6 @@ class Endpoint:
         """Every name this endpoint answers to: ids, aliases and the file name of a path id."""
         return self._served
 
-    @property
-    def total_slots(self) -> int | None:
-        return self.discovery.total_slots if self.discovery else None
-
     def record_speed(self, ttfb: float, tokens_per_second: float | None) -> None:
         self.ttfb = ttfb if self.ttfb is None else self.ttfb + SPEED_WEIGHT * (ttfb - self.ttfb)
         if tokens_per_second:
@@ -135,7 +131,8 @@ class Endpoint:
         if self.health is Health.LOADING:
             return min(interval, LOADING_RECHECK)
         if self.health is Health.OFFLINE and self.probe_failures > 1:
-            return min(interval * 2 ** (self.probe_failures - 1), max(interval, OFFLINE_BACKOFF_CAP))
+            backoff: float = interval * 2.0 ** (self.probe_failures - 1)
+            return min(backoff, max(interval, OFFLINE_BACKOFF_CAP))
         return interval
 
     def record_discovery(self, discovery: Discovery, now: float) -> None:

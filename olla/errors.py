@@ -5,11 +5,18 @@
     └── RequestFailed
         ├── InvalidRequest          400    invalid_request       invalid_request_error
         │   ├── InvalidJSON         400    invalid_json          invalid_request_error
-        │   └── ModelRequired       400    model_required        invalid_request_error
+        │   ├── ModelRequired       400    model_required        invalid_request_error
+        │   ├── InvalidField        400    invalid_request (+ param)               (olla.requestcheck)
+        │   ├── MalformedRequest    400    malformed_request                       (olla.listener)
+        │   ├── BodyTimeout         408    request_timeout                         (olla.requestcheck)
+        │   ├── ExpectationFailed   417    expectation_failed                      (olla.listener)
+        │   └── HeadTooLarge        431    header_too_large                        (olla.listener)
+        ├── AuthenticationFailed    401    invalid_api_key       authentication_error  (WWW-Authenticate)
         ├── RouteNotFound           404    not_found             not_found_error
         ├── ModelNotFound           404    model_not_found       invalid_request_error
         ├── MethodNotAllowed        405    method_not_allowed    invalid_request_error
         ├── BodyTooLarge            413    request_too_large     invalid_request_error
+        ├── RateLimited             429    rate_limit_exceeded   rate_limit_error  (Retry-After, X-RateLimit-*)
         ├── NoHealthyEndpoint       503    no_healthy_endpoint   server_error  (Retry-After)
         ├── SlotsExhausted          503    slots_exhausted       server_error  (Retry-After)
         └── UpstreamError           502    upstream_error        server_error
@@ -19,10 +26,14 @@
             └── UpstreamBroken      502    upstream_stream_broken server_error
 
 Only `upstream.py` turns aiohttp's exceptions into these; one middleware turns
-a RequestFailed into OpenAI-shaped JSON `{"error": {"message", "type", "code"}}`.
+a RequestFailed into OpenAI-shaped JSON `{"error": {"message", "type", "code"}}`,
+with `Retry-After` when `retry_after` is set and any `headers()` the error adds.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 
 class OllaError(Exception):
@@ -50,6 +61,10 @@ class RequestFailed(OllaError):
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
+    def headers(self) -> Mapping[str, str]:
+        """Response headers this error adds to the JSON body."""
+        return {}
+
 
 class InvalidRequest(RequestFailed):
     status = 400
@@ -63,6 +78,17 @@ class InvalidJSON(InvalidRequest):
 
 class ModelRequired(InvalidRequest):
     code = "model_required"
+
+
+class AuthenticationFailed(RequestFailed):
+    """No API key, or one no client has; the message never repeats the key."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+    def headers(self) -> Mapping[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="olla"'}
 
 
 class RouteNotFound(RequestFailed):
@@ -87,6 +113,22 @@ class BodyTooLarge(RequestFailed):
     status = 413
     code = "request_too_large"
     type = "invalid_request_error"
+
+
+class RateLimited(RequestFailed):
+    """A token bucket (global, the caller's, or the caller's status budget) was empty."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int, headers: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self._headers = MappingProxyType(dict(headers))
+
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
 
 
 class NoHealthyEndpoint(RequestFailed):

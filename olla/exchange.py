@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from olla import __version__
+from olla.clients import ANONYMOUS
 from olla.errors import RequestFailed
 from olla.metrics import Metrics
 
@@ -31,6 +32,7 @@ class Exchange:
     request_id: str
     started: float
     route: str = "other"
+    client: str | None = None  # the authenticated caller's id; never its key
     model: str | None = None  # as the client named it
     model_id: str | None = None  # the endpoint's id for it: the metrics label
     endpoint: str | None = None
@@ -58,11 +60,18 @@ def error_response(exc: RequestFailed, exchange: Exchange) -> web.Response:
     headers = {"X-Olla-Request-Id": exchange.request_id, "Via": VIA}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
+    headers.update(exc.headers())
     for key, value in exchange.routing.items():
         headers[f"X-Olla-Routing-{key}"] = value
     return web.Response(
         status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json", headers=headers
     )
+
+
+def _not_allowed(request: web.Request, allowed: str) -> RequestFailed:
+    failure = RequestFailed(f"{request.method} is not allowed on {request.path}; use {allowed}")
+    failure.status, failure.code, failure.type = 405, "method_not_allowed", "invalid_request_error"
+    return failure
 
 
 def middleware(metrics: Metrics):  # type: ignore[no-untyped-def]
@@ -81,6 +90,10 @@ def middleware(metrics: Metrics):  # type: ignore[no-untyped-def]
             if exc.status == 404:
                 failure.message = f"{request.method} {request.path} is not served by olla"
             response = error_response(failure, exchange)
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                allowed = ", ".join(sorted(exc.allowed_methods))
+                response = error_response(_not_allowed(request, allowed), exchange)
+                response.headers["Allow"] = allowed
         except ConnectionResetError:
             exchange.status = exchange.status or 499  # the client left; nothing more can be sent
             finish(exchange, request, metrics)
@@ -99,13 +112,15 @@ def finish(exchange: Exchange, request: web.Request, metrics: Metrics) -> None:
     now = time.monotonic()
     metrics.requests.labels(exchange.endpoint or "", exchange.model_id or "", exchange.route,
                             str(exchange.status)).inc()  # fmt: skip
+    metrics.client_requests.labels(exchange.client or ANONYMOUS, exchange.route, str(exchange.status)).inc()
     metrics.duration.labels(exchange.route).observe(now - exchange.started)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info(
             "request",
             extra={
                 "request_id": exchange.request_id, "method": request.method, "path": request.path,
-                "model": exchange.model, "endpoint": exchange.endpoint, "status": exchange.status,
+                "client": exchange.client, "model": exchange.model, "endpoint": exchange.endpoint,
+                "status": exchange.status,
                 "bytes": exchange.bytes_sent, "ms": round(exchange.elapsed_ms(now), 1),
                 "ttfb_ms": round(exchange.ttfb * 1000, 1) if exchange.ttfb is not None else None,
                 "attempts": exchange.attempts,

@@ -3,7 +3,7 @@
 Each app owns its own CollectorRegistry, so several routers can live in one
 process (tests, the demo). Label values come from small fixed sets: endpoint
 names from the config, model ids the endpoints reported, profile route paths,
-status codes.
+status codes, client ids from the config (never a key or an address).
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ class Metrics:
         self.requests = Counter(
             "olla_requests", "Requests answered, by endpoint, model, route and status code",
             ["endpoint", "model", "route", "code"], registry=r,
+        )  # fmt: skip
+        self.client_requests = Counter(
+            "olla_client_requests", "Requests answered, by client (anonymous without one), route and status code",
+            ["client", "route", "code"], registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "olla_rate_limited", "Requests answered 429, by client and the empty bucket (global, client, status)",
+            ["client", "scope"], registry=r,
         )  # fmt: skip
         self.duration = Histogram(
             "olla_request_duration_seconds", "Time from request receipt to the last byte sent",

@@ -1,5 +1,9 @@
 """The request path: match an allowed route, resolve the model, run attempts, stream the answer back.
 
+What the router refuses before any endpoint sees a request is in `requestcheck`:
+a path outside the allowlist, or sent with percent-escapes where the allowlist has
+none, a body that is not JSON, a field the router reads with the wrong type.
+
 A request that takes a llama.cpp slot claims one through the router's queue
 before its attempt and gives it back when the attempt ends. Failover happens
 only before the response is prepared: once a byte has gone to the client an
@@ -9,6 +13,7 @@ event (or a cut connection for non-SSE bodies) so the client knows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
@@ -18,12 +23,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from olla import requestcheck
 from olla.affinity import AffinityMap, Keys, keys_for
 from olla.balancer import Balancer
 from olla.config import Config
 from olla.endpoint import Endpoint, Outcome
 from olla.errors import (
-    BodyTooLarge, InvalidJSON, MethodNotAllowed, NoHealthyEndpoint, RouteNotFound, UpstreamBroken,
+    BodyTooLarge, InvalidRequest, MethodNotAllowed, NoHealthyEndpoint, RouteNotFound, UpstreamBroken,
     UpstreamError, UpstreamRejected, UpstreamTimeout,
 )  # fmt: skip
 from olla.exchange import EXCHANGE, VIA, Exchange
@@ -34,6 +40,7 @@ from olla.slotqueue import SlotQueue
 from olla.upstream import Upstream, request_headers, response_headers
 
 READ_CHUNK = 64 * 1024
+BODY_TIMEOUT = 30.0  # longest silence while a client sends its body: a slow-loris body gets 408
 SESSION_HEADER = "X-Olla-Session-ID"
 
 
@@ -69,31 +76,39 @@ class Proxy:
     async def handle(self, request: web.Request, profile: Profile) -> web.StreamResponse:
         exchange = request[EXCHANGE]
         path = "/" + request.match_info["tail"]
-        route = self._route(profile, path, request.method)
+        route = self._route(profile, path, request)
         exchange.route = route.path
         body = await self._read_body(request)
-        document = _document(body)
+        document = requestcheck.read(body, route, profile.model_field)
         exchange.model = self._model(request, profile, route, document)
+        session = requestcheck.header_text(request.headers, SESSION_HEADER)
         pool = self.registry.pool(exchange.model, profile.name)
         exchange.model = pool.model
         exchange.routing = {"Strategy": self.balancer.name, "Decision": "rejected", "Reason": "model_unavailable"}
+        query = request.rel_url.raw_query_string  # as sent: decoding would turn %26 into a parameter boundary
         plan = Plan(
-            profile, route, pool, path + (f"?{request.query_string}" if request.query_string else ""), body,
+            profile, route, pool, path + (f"?{query}" if query else ""), body,
             streaming=isinstance(document, dict) and document.get("stream") is True,
         )  # fmt: skip
         if self.affinity is not None and route.takes_slot:
-            plan.keys = keys_for(pool.model, route.path, document, request.headers.get(SESSION_HEADER))
+            plan.keys = keys_for(pool.model, route.path, document, session)
             name = self.affinity.find(plan.keys, time.monotonic()) if plan.keys else None
             plan.preferred = self.registry.endpoints.get(name) if name else None
         return await self._attempts(request, exchange, plan)
 
-    def _route(self, profile: Profile, path: str, method: str) -> Route:
+    def _route(self, profile: Profile, path: str, request: web.Request) -> Route:
         route = profile.route(path)
         if route is None:
             raise RouteNotFound(f"{path} is not a {profile.name} route olla forwards (see docs/endpoints.md)")
-        if method not in route.methods:
+        if not request.rel_url.raw_path.endswith(path):
+            # aiohttp decodes %2F and %2E in the tail; the allowlist matches the path as sent.
+            raise RouteNotFound(
+                f"{request.rel_url.raw_path} is not a {profile.name} route olla forwards: "
+                "send the path without percent-escapes (see docs/endpoints.md)"
+            )
+        if request.method not in route.methods:
             allowed = ", ".join(sorted(route.methods))
-            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
+            raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use {allowed}")
         return route
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -102,20 +117,29 @@ class Proxy:
             raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.read(READ_CHUNK):
+        while True:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT):
+                    chunk = await request.content.read(READ_CHUNK)
+            except TimeoutError as exc:
+                raise requestcheck.BodyTimeout(f"no byte of the request body arrived for {BODY_TIMEOUT:g}s") from exc
+            except web.RequestPayloadError as exc:  # a broken chunked framing or compressed body
+                reason = str(exc).splitlines()[-1].strip()
+                raise InvalidRequest(f"request body could not be read: {reason}") from exc
+            if not chunk:
+                return b"".join(chunks)
             size += len(chunk)
             if size > limit:
                 raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
 
     @staticmethod
     def _model(request: web.Request, profile: Profile, route: Route, document: object) -> str | None:
-        model = None
         if route.model_from_body and isinstance(document, dict):
-            value = document.get(profile.model_field)
-            model = value if isinstance(value, str) and value else None
-        return model or request.headers.get(profile.model_header) or None
+            model = document.get(profile.model_field)
+            if isinstance(model, str):
+                return model  # never empty: requestcheck.read refused that
+        return requestcheck.header_text(request.headers, profile.model_header)
 
     async def _choose(self, plan: Plan, tried: list[Endpoint]) -> Endpoint | None:
         """The next endpoint to try (with a slot claimed when the route takes one), or None when none is left."""
@@ -134,6 +158,7 @@ class Proxy:
             tried.append(endpoint)
             exchange.attempts += 1
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
+            headers.popall("Content-Encoding", None)  # aiohttp decompressed the body; the bytes go out as read
             self._enter(endpoint)
             try:
                 upstream = await self.upstream.send(
@@ -143,7 +168,6 @@ class Proxy:
                 self._leave(endpoint, plan)
                 outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE
                 self.registry.record_outcome(endpoint, outcome, exc.message)
-                self.queue.wake()  # an ejected endpoint may leave waiters with nothing to wait for
                 self.metrics.retries.labels(endpoint.name, exc.code).inc()
                 failures.append(exc)
                 if isinstance(exc, UpstreamTimeout) and time.monotonic() >= deadline:
@@ -215,15 +239,6 @@ class Proxy:
                 endpoint.record_speed(exchange.ttfb, events / streamed if events > 1 and streamed > 0 else None)
         await response.write_eof()
         return response
-
-
-def _document(body: bytes) -> object:
-    if not body:
-        return None
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc}") from exc
 
 
 def _affinity(preferred: Endpoint | None, served: Endpoint) -> str:

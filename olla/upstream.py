@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiohttp
@@ -113,7 +113,9 @@ class Upstream:
             )  # fmt: skip
         return response
 
-    async def body(self, endpoint: Endpoint, response: aiohttp.ClientResponse, deadline: float) -> AsyncIterator[bytes]:
+    async def body(
+        self, endpoint: Endpoint, response: aiohttp.ClientResponse, deadline: float
+    ) -> AsyncGenerator[bytes, None]:
         """The response body chunk by chunk, as it arrives; a break or silence raises UpstreamBroken."""
         read_timeout = self.config.read_timeout
         content = response.content

@@ -93,7 +93,7 @@ def make_router(aiohttp_client):  # type: ignore[no-untyped-def]
     from tests.routerkit import router_config, wait_until
 
     async def make(endpoints: list[dict], ready: int | None = None, **sections: object):  # type: ignore[type-arg]
-        client = await aiohttp_client(create_app(router_config(endpoints, **sections)))
+        client = await aiohttp_client(create_app(router_config(endpoints, **sections)))  # type: ignore[arg-type]
         registry = client.app[REGISTRY]
         want = len(endpoints) if ready is None else ready
         await wait_until(registry, lambda: sum(e.routable and e.discovery is not None for e in registry) >= want)

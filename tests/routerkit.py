@@ -36,13 +36,17 @@ async def post(client: TestClient, body: Any, path: str = "/olla/llamacpp/v1/cha
     return response
 
 
-def router_config(endpoints: list[dict[str, Any]], **sections: Any) -> Config:
-    """A config whose endpoints are checked often, so tests see state changes quickly."""
+def router_config(endpoints: list[dict[str, Any]], env: dict[str, str] | None = None, **sections: Any) -> Config:
+    """A config whose endpoints are checked often, so tests see state changes quickly.
+
+    `env` replaces the process environment for `${VAR}` and OPENAI_API_KEYS, so a developer's
+    exported variables never change a test's router.
+    """
     full = [{"type": "llamacpp", "check_interval": "200ms", "check_timeout": "150ms", **e} for e in endpoints]
     raw: dict[str, Any] = {"discovery": {"static": {"endpoints": full}}, "logging": {"level": "warning"}}
     raw["discovery"].update(sections.pop("discovery", {}))
     raw.update(sections)
-    return parse_config(raw, "<test>")
+    return parse_config(raw, "<test>", env=env or {})
 
 
 async def wait_until(registry: Registry, predicate: Callable[[], bool], timeout: float = 10.0) -> None:

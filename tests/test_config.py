@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from olla.admission_config import RateLimitConfig
 from olla.config import (
     SHIPPED_PROFILES_DIR,
     Config,
@@ -604,3 +606,71 @@ def test_prefix_claimed_by_two_profiles(tmp_path: Path) -> None:
     assert message.startswith(
         f"{tmp_path / 'copy.yaml'}: routing.prefixes: prefix already enabled by profile 'llamacpp'"
     )
+
+
+# ---- server.auth, server.rate_limits, server.cors ------------------------------------------
+
+
+def test_admission_sections_default_to_off() -> None:
+    server = parse_config({"server": {"auth": None, "rate_limits": {}, "cors": None}}, "test.yaml", {}).server
+    assert server == ServerConfig()
+    assert not server.auth.enabled and server.auth.protect_status
+    assert server.rate_limits == RateLimitConfig() and server.rate_limits.burst_size == 50
+    assert not server.cors.enabled and server.cors.allowed_origins == ("*",)
+
+
+def test_key_file_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "team.key").write_text("sk-from-file\n")
+    elsewhere = tmp_path / "conf"
+    elsewhere.mkdir()
+    (elsewhere / "team.key").write_text("sk-next-to-config\n")
+    path = write(elsewhere, "server:\n  auth:\n    api_keys:\n      - {key_file: team.key, client: team}\n")
+    (key,) = load_config(path, env={}).server.auth.api_keys
+    assert (key.client, key.key) == ("team", "sk-next-to-config")
+
+
+def test_admission_problems_are_reported_with_the_rest() -> None:
+    found = problems({
+        "server": {
+            "port": 0,
+            "auth": {"api_keys": [{"key": "sk-secret-value", "client": "a"}, {"key": "sk-secret-value"}]},
+            "rate_limits": {"per_ip_requests_per_minute": -1, "trusted_proxy_cidrs": ["10.0.0.0/8", "10.0.0.300/8"]},
+            "cors": {"allowed_origins": ["*"], "allow_credentials": True},
+        },
+    })  # fmt: skip
+    assert [p.split(": ")[1] for p in found] == [
+        "server.port",
+        "server.auth.api_keys[1]",
+        "server.rate_limits.per_ip_requests_per_minute",
+        "server.rate_limits.trusted_proxy_cidrs[1]",
+        "server.cors.allow_credentials",
+    ]
+    assert not any("sk-secret-value" in p for p in found)
+
+
+def test_unknown_server_key_lists_the_new_sections() -> None:
+    (message,) = problems({"server": {"rate_limit": {}}})
+    assert message.startswith("test.yaml: server.rate_limit: unknown key (did you mean rate_limits?)")
+    assert "auth, rate_limits, cors" in message
+
+
+def test_openai_api_keys_come_from_the_process_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEYS", "key_a:team_a,key_c")
+    keys = load_config(write(tmp_path, ""))
+    assert [k.client for k in keys.server.auth.api_keys] == ["team_a", "client-" + sha256(b"key_c").hexdigest()[:8]]
+    assert load_config(write(tmp_path, ""), env={}).server.auth.api_keys == ()
+
+
+def test_the_commented_auth_example_loads_once_uncommented(tmp_path: Path) -> None:
+    lines = (REPO / "config.yaml").read_text().splitlines()
+    start = lines.index("  # auth:")
+    end = start + 1
+    while lines[end].startswith("  #   "):
+        end += 1
+    uncommented = ["  auth:"] + ["  " + line[len("  # "):] for line in lines[start + 1 : end]]
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "team-b.key").write_text("sk-team-b\n")
+    path = write(tmp_path, "\n".join(lines[:start] + uncommented + lines[end:]))
+    auth = load_config(path, env={"LLAMA_API_KEY": "k", "TEAM_A_KEY": "sk-team-a"}).server.auth
+    assert [(k.client, k.key) for k in auth.api_keys] == [("team-a", "sk-team-a"), ("team-b", "sk-team-b")]
+    assert auth.protect_status

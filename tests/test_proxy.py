@@ -322,3 +322,12 @@ async def test_one_access_log_line_per_request_with_its_facts(start_sims, make_r
         "abc-1", "POST", "/olla/llamacpp/v1/chat/completions", CHAT, "a", 200, 1)
     assert ok.bytes > 0 and ok.ms >= ok.ttfb_ms > 0
     assert (missing.status, missing.endpoint, missing.attempts) == (404, None, 0)
+
+
+async def test_a_wrong_method_on_olla_s_own_routes_is_a_405_naming_the_allowed_ones(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast())
+    client = await make_router([ep("a", a)])
+    r = await client.post("/internal/status", json={})
+    body = await r.json()
+    assert r.status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert "use GET" in body["error"]["message"] and "GET" in r.headers["Allow"]

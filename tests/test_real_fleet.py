@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from olla.app import REGISTRY, create_app
+from olla.app import QUEUE, REGISTRY, create_app
 from olla.config import parse_config
 from tests.llamacpp import LlamaServers, ServerSpec, tiny_model
 from tests.routerkit import wait_until
@@ -240,3 +240,60 @@ async def test_the_second_turn_goes_home_and_hits_the_kv_cache(chat_fleet) -> No
     assert second.headers["X-Olla-Endpoint"] == first.headers["X-Olla-Endpoint"]
     assert second.headers["X-Olla-Affinity"] == "hit"
     assert body["timings"]["cache_n"] > 0
+
+
+async def _processing(servers: LlamaServers) -> int:
+    async with aiohttp.ClientSession() as session:
+        total = 0
+        for server in servers:
+            async with session.get(server.url + "/slots") as r:
+                total += sum(1 for slot in await r.json() if slot["is_processing"])
+        return total
+
+
+async def _until_idle(servers: LlamaServers, timeout: float) -> float:
+    """Seconds until every real server's /slots shows no slot processing (polled at 100 ms, not faster)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while await _processing(servers):
+        assert loop.time() - started < timeout, "slots still busy after the client left"
+        await asyncio.sleep(0.1)
+    return loop.time() - started
+
+
+async def test_a_client_that_leaves_frees_real_slots(chat_fleet) -> None:
+    """Mid-stream, mid-generation and while queued in the router: llama-server's /slots shows them idle."""
+    servers, client = chat_fleet
+    long = {"model": CHAT, "prompt": "Leave", "max_tokens": 1500, "ignore_eos": True}
+    stream = await client.post("/olla/llamacpp/v1/completions", json={**long, "stream": True})
+    await stream.content.readline()
+    assert await _processing(servers) == 1
+    stream.close()
+    assert await _until_idle(servers, 3.0) < 3.0
+
+    generating = asyncio.create_task(client.post("/olla/llamacpp/v1/completions", json=long))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    while await _processing(servers) == 0:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    generating.cancel()
+    assert await _until_idle(servers, 3.0) < 3.0
+
+    # Fill all six slots, queue a seventh in the router, then everybody leaves.
+    holders = [asyncio.create_task(client.post("/olla/llamacpp/v1/completions", json=long)) for _ in range(6)]
+    waitlists = client.app[QUEUE].waitlists
+    deadline = loop.time() + 5
+    while await _processing(servers) < 6:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    queued = asyncio.create_task(client.post("/olla/llamacpp/v1/completions", json=long))
+    while sum(len(w.waiters) for w in waitlists.values()) < 1:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    queued.cancel()
+    for holder in holders:
+        holder.cancel()
+    assert await _until_idle(servers, 3.0) < 3.0
+    assert sum(len(w.waiters) for w in waitlists.values()) == 0
+    assert all(e.slots.own == 0 for e in client.app[REGISTRY])

@@ -1,0 +1,123 @@
+"""Admission: whether a request gets in, decided before any handler runs.
+
+In this order, inside the exchange middleware (so a refusal is rendered as
+OpenAI-shaped JSON with `X-Olla-Request-Id` and written to the access log):
+
+1. CORS: a preflight is answered here, before auth and rate limits (browsers send no key with it).
+2. Auth: the API key names the client. The health route is always open; the status
+   routes (`/internal/status*`, `/metrics`) need a key when `protect_status` is on;
+   every other route needs one whenever keys are configured. Else 401.
+3. Rate limits: one token from each bucket that applies, keyed by the client, or by
+   the caller's address for a request without one. Else 429.
+
+`on_prepare` then adds the CORS and `X-RateLimit-*` headers to every response,
+streamed ones included, just before its headers are sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from olla.clients import ANONYMOUS, Clients, caller_address, presented_key
+from olla.config import ServerConfig
+from olla.cors import PREFLIGHT_STATUS, CorsPolicy, is_cors_header, is_preflight
+from olla.errors import AuthenticationFailed, RateLimited
+from olla.exchange import EXCHANGE
+from olla.limits import CALLER, GLOBAL, RateLimiter, Verdict
+from olla.metrics import Metrics
+
+RATE_HEADERS = web.RequestKey("rate_headers", dict)
+MISSING_KEY = "Missing API key: send it as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'."
+WRONG_KEY = "Incorrect API key provided."
+
+
+class Admission:
+    def __init__(
+        self, config: ServerConfig, metrics: Metrics, open_paths: frozenset[str], status_paths: frozenset[str],
+        clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self.clients = Clients((k.key, k.client) for k in config.auth.api_keys)
+        self.protect_status = config.auth.protect_status
+        self.limits = config.rate_limits
+        self.limiter = RateLimiter(config.rate_limits, clock())
+        self.cors = CorsPolicy(config.cors) if config.cors.enabled else None
+        self.metrics = metrics
+        self.open_paths, self.status_paths = open_paths, status_paths
+        self.clock, self.wall = clock, wall
+
+    def admit(self, request: web.Request) -> web.Response | None:
+        """The answer to a preflight, or None to go on; raises AuthenticationFailed or RateLimited."""
+        if self.cors is not None and is_preflight(request.method, request.headers):
+            headers = self.cors.preflight(request.headers.get("Origin"),
+                                          request.headers.get("Access-Control-Request-Headers"))  # fmt: skip
+            if self.cors.varies:
+                headers["Vary"] = "Origin"
+            return web.Response(status=PREFLIGHT_STATUS, headers=headers)
+        resource = request.match_info.route.resource  # the matched route, so no spelling of a path slips past
+        path = resource.canonical if resource is not None else ""
+        open_route, status_route = path in self.open_paths, path in self.status_paths
+        client = self._client(request, needs_key=not open_route and (self.protect_status or not status_route))
+        request[EXCHANGE].client = client
+        if not self.limiter.enabled:
+            return None
+        caller = f"client:{client}" if client else f"ip:{self._address(request)}"
+        verdict = self.limiter.admit(caller, open_route or status_route, self.clock())
+        if verdict is None:
+            return None
+        headers = verdict.headers(self.wall())
+        request[RATE_HEADERS] = headers
+        if not verdict.allowed:
+            self.metrics.rate_limited.labels(client or ANONYMOUS, verdict.scope).inc()
+            raise RateLimited(_refusal(verdict, client), verdict.retry_after, headers)
+        return None
+
+    def _client(self, request: web.Request, needs_key: bool) -> str | None:
+        if not self.clients:
+            return None
+        key = presented_key(request.headers)
+        client = self.clients.lookup(key) if key is not None else None
+        if client is None and needs_key:
+            raise AuthenticationFailed(MISSING_KEY if key is None else WRONG_KEY)
+        return client
+
+    def _address(self, request: web.Request) -> str:
+        limits = self.limits
+        return caller_address(request.remote, request.headers.get("X-Forwarded-For"), limits.trust_proxy_headers,
+                              limits.trusted_proxy_cidrs)  # fmt: skip
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.cors is not None and is_preflight(request.method, request.headers):
+            return
+        for name, value in request.get(RATE_HEADERS, {}).items():
+            response.headers.setdefault(name, value)
+        for name in {n for n in response.headers if is_cors_header(n)}:
+            response.headers.popall(name)
+        if self.cors is None:
+            return
+        if self.cors.varies:
+            response.headers.add("Vary", "Origin")
+        response.headers.update(self.cors.response(request.headers.get("Origin"), response.headers.keys()))
+
+
+def _refusal(verdict: Verdict, client: str | None) -> str:
+    if verdict.scope == GLOBAL:
+        whose = "all callers together"
+    elif verdict.scope == CALLER:
+        whose = f"client {client}" if client else "your address"
+    else:
+        whose = f"status requests from {f'client {client}' if client else 'your address'}"
+    return (f"Rate limit reached for {whose}: {verdict.limit} requests per minute. "
+            f"Please try again in {verdict.retry_after}s.")  # fmt: skip
+
+
+def middleware(admission: Admission):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def admission_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        answer = admission.admit(request)
+        return answer if answer is not None else await handler(request)
+
+    return admission_middleware
