@@ -14,6 +14,7 @@ from olla.admission import Admission
 from olla.affinity import AffinityMap
 from olla.balancer import BALANCERS
 from olla.config import Config
+from olla.exchange import Traffic
 from olla.exchange import middleware as exchange_middleware
 from olla.metrics import Metrics
 from olla.proxy import Proxy
@@ -29,6 +30,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PROXY = web.AppKey("proxy", Proxy)
 QUEUE = web.AppKey("queue", SlotQueue)
 ADMISSION = web.AppKey("admission", Admission)
+TRAFFIC = web.AppKey("traffic", Traffic)
 HEALTH_PATH = "/internal/health"  # always open: probes carry no key
 
 
@@ -45,10 +47,11 @@ def create_app(config: Config) -> web.Application:
     status_routes = {"/internal/status": status.status, "/internal/status/endpoints": status.endpoints,
                      "/internal/status/models": status.status_models, "/metrics": status.prometheus}  # fmt: skip
     gate = Admission(config.server, metrics, frozenset({HEALTH_PATH}), frozenset(status_routes))
+    traffic = Traffic()
     # Outermost first: the exchange middleware renders and logs what admission refuses (CORS → auth → rate limit).
     # Bodies are read and limited by the proxy itself, which answers 413 in OpenAI's shape.
     app = web.Application(
-        middlewares=[exchange_middleware(metrics), admission.middleware(gate)],
+        middlewares=[exchange_middleware(metrics, traffic), admission.middleware(gate)],
         client_max_size=config.server.max_body_size,
     )
     app.on_response_prepare.append(gate.on_prepare)
@@ -57,6 +60,7 @@ def create_app(config: Config) -> web.Application:
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[QUEUE] = queue
+    app[TRAFFIC] = traffic
 
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_monitors)

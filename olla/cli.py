@@ -112,12 +112,14 @@ async def serve_demo(host: str, port: int) -> int:
 
 
 async def serve(config) -> int:  # type: ignore[no-untyped-def]
-    from olla.app import create_app
+    from olla.app import TRAFFIC, create_app
     from olla.listener import Listener
 
     host, port = config.server.host, config.server.port
+    app = create_app(config)
     try:
-        listener = await Listener.start(create_app(config), host, port, shutdown_timeout=config.server.shutdown_timeout)
+        # The drain below waits for requests in flight; whatever is left after it gets a last second.
+        listener = await Listener.start(app, host, port, shutdown_timeout=1.0)
     except OSError as exc:
         log.error("cannot listen", extra={"host": host, "port": port, "error": str(exc)})
         return 1
@@ -136,6 +138,13 @@ async def serve(config) -> int:  # type: ignore[no-untyped-def]
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
+    traffic = app[TRAFFIC]
+    traffic.draining = True  # new requests now get 503 shutting_down
+    try:
+        async with asyncio.timeout(config.server.shutdown_timeout):
+            await traffic.idle()
+    except TimeoutError:
+        log.warning("drain timed out", extra={"in_flight": traffic.in_flight})
     await listener.stop()
     log.info("stopped")
     return 0

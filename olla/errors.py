@@ -19,6 +19,7 @@
         ├── RateLimited             429    rate_limit_exceeded   rate_limit_error  (Retry-After, X-RateLimit-*)
         ├── NoHealthyEndpoint       503    no_healthy_endpoint   server_error  (Retry-After)
         ├── SlotsExhausted          503    slots_exhausted       server_error  (Retry-After)
+        ├── ShuttingDown            503    shutting_down         server_error  (Retry-After)
         └── UpstreamError           502    upstream_error        server_error
             ├── UpstreamUnreachable 502    backend_unreachable   server_error
             ├── UpstreamTimeout     504    backend_timeout       server_error
@@ -148,6 +149,15 @@ class SlotsExhausted(RequestFailed):
 
     def __init__(self, message: str = "All slots are busy. Please try again later.") -> None:
         super().__init__(message)
+
+
+class ShuttingDown(RequestFailed):
+    """The router is draining after SIGTERM/SIGINT: requests in flight finish, new ones go elsewhere."""
+
+    status = 503
+    code = "shutting_down"
+    type = "server_error"
+    retry_after = 1
 
 
 class UpstreamError(RequestFailed):

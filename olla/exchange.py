@@ -7,6 +7,7 @@ written.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -18,7 +19,7 @@ from aiohttp.typedefs import Handler
 
 from olla import __version__
 from olla.clients import ANONYMOUS
-from olla.errors import RequestFailed
+from olla.errors import RequestFailed, ShuttingDown
 from olla.metrics import Metrics
 
 access_log = logging.getLogger("olla.access")
@@ -49,6 +50,28 @@ class Exchange:
 EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
+class Traffic:
+    """Requests in flight, and whether the router is draining (new requests then get 503)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
 def request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     if given and len(given) <= REQUEST_ID_LIMIT and given.isprintable():
@@ -74,38 +97,53 @@ def _not_allowed(request: web.Request, allowed: str) -> RequestFailed:
     return failure
 
 
-def middleware(metrics: Metrics):  # type: ignore[no-untyped-def]
+def middleware(metrics: Metrics, traffic: Traffic):  # type: ignore[no-untyped-def]
     @web.middleware
     async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         exchange = Exchange(request_id(request), time.monotonic())
         request[EXCHANGE] = exchange
-        try:
-            response = await handler(request)
-        except RequestFailed as exc:
-            response = error_response(exc, exchange)
-        except web.HTTPException as exc:  # aiohttp's own 404/405 for paths outside every route
-            failure = RequestFailed(exc.reason)
-            failure.status, failure.code = exc.status, exc.reason.lower().replace(" ", "_")
-            failure.type = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            if exc.status == 404:
-                failure.message = f"{request.method} {request.path} is not served by olla"
-            response = error_response(failure, exchange)
-            if isinstance(exc, web.HTTPMethodNotAllowed):
-                allowed = ", ".join(sorted(exc.allowed_methods))
-                response = error_response(_not_allowed(request, allowed), exchange)
-                response.headers["Allow"] = allowed
-        except ConnectionResetError:
-            exchange.status = exchange.status or 499  # the client left; nothing more can be sent
+        if traffic.draining:
+            response = error_response(ShuttingDown("olla is shutting down; retry on another instance"), exchange)
+            response.force_close()
+            exchange.status = response.status
             finish(exchange, request, metrics)
-            raise
-        exchange.status = response.status
-        if not response.prepared:
-            response.headers.setdefault("X-Olla-Request-Id", exchange.request_id)
-            exchange.bytes_sent = exchange.bytes_sent or (response.content_length or 0)
-        finish(exchange, request, metrics)
-        return response
+            return response
+        traffic.enter()
+        try:
+            return await _handle(request, handler, exchange, metrics)
+        finally:
+            traffic.leave()
 
     return exchange_middleware
+
+
+async def _handle(request: web.Request, handler: Handler, exchange: Exchange, metrics: Metrics) -> web.StreamResponse:
+    """Run the handler; render a RequestFailed (or aiohttp's own 404/405) as OpenAI JSON; log and count it."""
+    try:
+        response = await handler(request)
+    except RequestFailed as exc:
+        response = error_response(exc, exchange)
+    except web.HTTPException as exc:  # aiohttp's own 404/405 for paths outside every route
+        failure = RequestFailed(exc.reason)
+        failure.status, failure.code = exc.status, exc.reason.lower().replace(" ", "_")
+        failure.type = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        if exc.status == 404:
+            failure.message = f"{request.method} {request.path} is not served by olla"
+        response = error_response(failure, exchange)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            response = error_response(_not_allowed(request, allowed), exchange)
+            response.headers["Allow"] = allowed
+    except ConnectionResetError:
+        exchange.status = exchange.status or 499  # the client left; nothing more can be sent
+        finish(exchange, request, metrics)
+        raise
+    exchange.status = response.status
+    if not response.prepared:
+        response.headers.setdefault("X-Olla-Request-Id", exchange.request_id)
+        exchange.bytes_sent = exchange.bytes_sent or (response.content_length or 0)
+    finish(exchange, request, metrics)
+    return response
 
 
 def finish(exchange: Exchange, request: web.Request, metrics: Metrics) -> None:

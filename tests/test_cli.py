@@ -95,8 +95,11 @@ def test_demo_routes_a_chat_and_drains_on_sigterm() -> None:
             time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
             signalled = True
+            time.sleep(0.1)
+            refused, refused_headers, refusal = _get(base + "/olla/llamacpp/v1/chat/completions", chat)
             code, _, body = in_flight.result(timeout=15)
         assert code == 200 and body["usage"]["completion_tokens"] == 60
+        assert refused == 503 and refusal["error"]["code"] == "shutting_down" and refused_headers["Retry-After"]
     finally:
         if not signalled:
             proc.send_signal(signal.SIGTERM)

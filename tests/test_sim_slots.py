@@ -12,6 +12,7 @@ import time
 import aiohttp
 import orjson
 
+from olla.sim.promptcache import PromptCache
 from olla.sim.slots import Slot, SlotPool, choose
 from tests.simkit import until
 
@@ -193,3 +194,74 @@ async def test_a_client_leaving_during_prefill_frees_its_slot_at_once(start_sim,
     await until(lambda: sim.busy_slots == 1)
     request.cancel()
     assert await until(lambda: sim.busy_slots == 0) < 0.1
+
+
+# --- the RAM prompt cache ----------------------------------------------------------
+
+CONVERSATION_A = "Conversation A about slots. " * 40  # the prompts measured on a real llama-server
+CONVERSATION_B = "Totally different text about queues and routers. " * 30
+
+
+def test_the_prompt_cache_keeps_what_it_does_not_hold_and_drops_the_oldest_past_its_limit() -> None:
+    cache = PromptCache(limit=10)
+    cache.save([1, 2, 3])
+    cache.save([1, 2])  # already held as the start of an entry
+    cache.save([1, 2, 3, 4])  # extends an entry, which goes
+    assert cache.entries == [[1, 2, 3, 4]]
+    cache.save([5, 6, 7, 8])
+    cache.save([9, 9, 9])  # 11 tokens: the oldest goes
+    assert cache.entries == [[5, 6, 7, 8], [9, 9, 9]] and cache.n_tokens == 7
+    cache.save(list(range(20)))  # larger than the limit: kept alone, as the newest always is
+    assert cache.entries == [list(range(20))]
+
+
+def test_the_prompt_cache_gives_out_the_best_entry_once_and_never_trashes_a_large_one() -> None:
+    cache = PromptCache(limit=1000)
+    cache.save([1, 2, 3, 4])
+    cache.save([7] * 20)
+    assert cache.load(held=[9, 9], prompt=[1, 2, 3, 5]) == [1, 2, 3, 4]
+    assert cache.load(held=[9, 9], prompt=[1, 2, 3, 5]) is None  # restored into the slot, so gone
+    assert cache.load(held=[9, 9], prompt=[7] * 4 + [8]) is None  # would keep 4 of its 20 tokens
+    assert cache.load(held=[7] * 6, prompt=[7] * 6 + [8]) is None  # the slot already holds as much
+    assert cache.load(held=[9], prompt=[7] * 6 + [8]) == [7] * 20
+
+
+async def post_timings(session: aiohttp.ClientSession, url: str, prompt: str) -> dict[str, float]:
+    async with session.post(url + "/completion", json={"prompt": prompt, "n_predict": 2}) as r:
+        assert r.status == 200
+        return (await r.json())["timings"]
+
+
+async def test_a_conversation_finds_its_prompt_again_after_another_took_the_only_slot(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=1, prefill_ms=0.0)
+    a = await post_timings(sim_session, sim.url, CONVERSATION_A)
+    b = await post_timings(sim_session, sim.url, CONVERSATION_B)
+    a_next = await post_timings(sim_session, sim.url, CONVERSATION_A + " next turn")
+    b_next = await post_timings(sim_session, sim.url, CONVERSATION_B + " more")
+    assert a["cache_n"] == 0 and b["cache_n"] <= 1  # only <s> in common
+    # As measured on llama-server -np 1: cache_n 1082 and 1412 after 1082- and 1410-token prompts.
+    assert a_next["cache_n"] >= a["prompt_n"] and a_next["prompt_n"] <= len(" next turn")
+    assert b_next["cache_n"] >= b["prompt_n"] and b_next["prompt_n"] <= len(" more")
+
+
+async def test_without_a_prompt_cache_the_returning_conversation_is_processed_again(start_sim, sim_session) -> None:
+    sim = await start_sim(slots=1, prefill_ms=0.0, cache_ram_tokens=0)
+    a = await post_timings(sim_session, sim.url, CONVERSATION_A)
+    await post_timings(sim_session, sim.url, CONVERSATION_B)
+    a_next = await post_timings(sim_session, sim.url, CONVERSATION_A + " next turn")
+    assert a_next["cache_n"] <= 1 and a_next["prompt_n"] > a["prompt_n"]
+
+
+async def test_restoring_from_the_prompt_cache_costs_its_share_of_prefill_before_the_prompt(
+    start_sim, sim_session
+) -> None:
+    sim = await start_sim(slots=1, prefill_ms=0.5, cache_load_fraction=0.5)
+    a, b = "a" * 400, "b" * 400
+    for prompt in (a, b):
+        await post_timings(sim_session, sim.url, prompt)
+    started = time.monotonic()
+    a_next = await post_timings(sim_session, sim.url, a + "!")
+    elapsed = time.monotonic() - started
+    assert a_next["cache_n"] >= 400 and a_next["prompt_n"] == 1
+    # The 402 restored tokens cost 0.5 x 0.5 ms each, about 100 ms; without a cost the request takes 1 ms.
+    assert elapsed >= 0.5 * 0.5 * 402 / 1000

@@ -77,3 +77,24 @@ async def test_extending_a_prompt_hits_the_prompt_cache(backend: str) -> None:
     assert second["cache_n"] > 0
     assert second["prompt_n"] < first["prompt_n"]
     assert second["prompt_ms"] < first["prompt_ms"]
+
+
+async def test_a_conversation_pushed_out_of_its_slot_is_restored_from_the_ram_prompt_cache(backend: str) -> None:
+    # Three unrelated prompts on two slots: by the third, the first has lost its slot.
+    a = "Conversation A about slots. " * 18
+    b = "Totally different text about queues and routers. " * 10
+    c = "A third topic, on bees and the weather today. " * 11
+    async with aiohttp.ClientSession() as session:
+
+        async def timings(prompt: str) -> dict[str, float]:
+            async with session.post(backend + "/completion", json={"prompt": prompt, "n_predict": 2}) as r:
+                assert r.status == 200
+                return (await r.json())["timings"]
+
+        first_a, first_b = await timings(a), await timings(b)
+        third = await timings(c)
+        next_a, next_b = await timings(a + " next turn"), await timings(b + " more")
+    assert third["cache_n"] <= 2  # nothing but the start of the prompt in common
+    for first, following in ((first_a, next_a), (first_b, next_b)):
+        assert following["cache_n"] >= first["prompt_n"], (first, following)
+        assert following["prompt_n"] < first["prompt_n"] / 10, (first, following)

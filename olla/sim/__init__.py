@@ -1,8 +1,9 @@
 """An emulated llama.cpp llama-server, for testing and demonstrating the router.
 
 It answers llama-server's routes with the same status codes and JSON shapes,
-queues requests for its slots, caches prompts per slot, takes time per token,
-and shows failures on demand. It imports nothing from the router.
+queues requests for its slots, caches prompts per slot and in a per-server RAM
+prompt cache, takes time per token, and shows failures on demand. It imports
+nothing from the router.
 """
 
 from olla.sim.config import SimConfig

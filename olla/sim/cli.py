@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--load-seconds", type=float, default=defaults.load_seconds, help="answer 503 'Loading model' this long"
     )
     parser.add_argument("--ctx", type=int, default=defaults.n_ctx, help="context per slot, in tokens")
+    parser.add_argument(
+        "--cache-ram-tokens", type=int, default=defaults.cache_ram_tokens, help="RAM prompt cache size; 0 disables it"
+    )
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--n-predict", type=int, default=defaults.n_predict, help="tokens when a request sets no limit")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -42,6 +45,7 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         model=args.model,
         slots=args.slots,
         n_ctx=args.ctx,
+        cache_ram_tokens=args.cache_ram_tokens,
         prefill_ms=args.prefill_ms,
         decode_ms=args.decode_ms,
         load_seconds=args.load_seconds,

@@ -15,6 +15,13 @@ class SimConfig:
     `n_predict` is how many tokens a request that sets no limit gets before the
     emulated model "emits EOS" (the real server would run until EOS or a full
     context).
+
+    `cache_ram_tokens` bounds the RAM prompt cache (`--cache-ram`, which counts
+    MiB: 8192 by default, so about 65k tokens of an 8B model's f16 KV cache and
+    millions of a tiny model's); 0 disables it, like `--cache-ram 0`.
+    `cache_load_fraction` is the cost of restoring a token from it, as a share of
+    `prefill_ms`. Restoring is a copy of the saved KV state, far cheaper than
+    prefill, so by default it is free.
     """
 
     model: str = "sim-model"
@@ -30,6 +37,8 @@ class SimConfig:
     slots_endpoint: bool = True
     seed: int = 0
     n_predict: int = 16
+    cache_ram_tokens: int = 1_000_000
+    cache_load_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -39,7 +48,7 @@ class SimConfig:
             problems.append(f"slots must be at least 1, got {self.slots}")
         if self.n_ctx < 8:
             problems.append(f"n_ctx must be at least 8, got {self.n_ctx}")
-        for name in ("prefill_ms", "decode_ms", "load_seconds"):
+        for name in ("prefill_ms", "decode_ms", "load_seconds", "cache_ram_tokens", "cache_load_fraction"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.n_predict < 1:

@@ -4,6 +4,11 @@ Costs follow llama-server's shape: `prefill_ms` for each prompt token the slot
 has not cached (at least one token is always evaluated, so a repeated prompt
 reports `cache_n = n - 1`), then `decode_ms` per generated token. Token times
 are scheduled from the start of decoding, so sleeps do not add up drift.
+
+What the slot has cached may just have come from the server's RAM prompt cache
+(see `promptcache`); restoring it costs `cache_load_fraction` of `prefill_ms`
+per restored token, before the prompt's own timer starts, as llama-server
+restores a state before it starts processing the prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 from olla.sim import errors, tokens
 from olla.sim.config import SimConfig
 from olla.sim.metrics import Metrics
-from olla.sim.slots import Slot, SlotPool, common_prefix
+from olla.sim.promptcache import PromptCache, common_prefix
+from olla.sim.slots import Slot, SlotPool
 
 N_EMBD = 128
 N_UBATCH = 512
@@ -86,6 +92,10 @@ class Generation:
         slot.cache = self.prompt[: self.cache_n]
         slot.n_prompt_cached, slot.n_prompt_processed = self.cache_n, self.prompt_n
         slot.n_remain = self.limit
+        restore_ms = engine.config.prefill_ms * engine.config.cache_load_fraction * slot.n_restored
+        slot.n_restored = 0
+        if restore_ms:
+            await asyncio.sleep(restore_ms / 1000)
         start = engine.clock()
         await asyncio.sleep(engine.config.prefill_ms * self.prompt_n / 1000)
         self.prompt_ms = (engine.clock() - start) * 1000
@@ -130,7 +140,8 @@ class Engine:
     def __init__(self, config: SimConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.pool = SlotPool(config.slots)
+        prompt_cache = PromptCache(config.cache_ram_tokens) if config.cache_ram_tokens else None
+        self.pool = SlotPool(config.slots, prompt_cache=prompt_cache)
         self.metrics = Metrics()
         self._task_ids = 0
         self.ids = random.Random()  # unseeded: ids must differ between servers, as real ones do

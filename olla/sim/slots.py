@@ -4,6 +4,12 @@ A request takes the idle slot whose cache shares the longest prefix with its
 prompt (when that prefix is at least `similarity` of the prompt), otherwise the
 least recently used idle slot. When none is idle it waits in an unbounded FIFO;
 llama-server defers such tasks and never rejects them.
+
+With a RAM prompt cache, a slot taken as the least recently used, or one that
+would keep less than half of its tokens, first saves them there and then gets
+the cached prompt that best matches the new one; a slot pinned with `id_slot`
+does neither. Whenever a slot is taken, every idle slot is saved too
+(`--cache-idle-slots`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ import asyncio
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from olla.sim.promptcache import PromptCache, common_prefix
+
+How = Literal["pinned", "similar", "lru"]
 
 
 @dataclass
@@ -28,48 +38,47 @@ class Slot:
     n_decoded: int = 0
     n_remain: int = -1
     has_new_line: bool = False
+    n_restored: int = 0  # tokens just restored from the RAM prompt cache
 
     def finish(self) -> None:
         self.busy = False
-        self.n_prompt_processed = self.n_prompt_cached = self.n_decoded = 0
+        self.n_prompt_processed = self.n_prompt_cached = self.n_decoded = self.n_restored = 0
         self.n_remain = -1
         self.has_new_line = False
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def choose(slots: Sequence[Slot], prompt: Sequence[int], similarity: float, pinned: int = -1) -> Slot | None:
+def choose(slots: Sequence[Slot], prompt: list[int], similarity: float, pinned: int = -1) -> Slot | None:
     """The idle slot a prompt should take, or None when it has to wait."""
+    return _choose(slots, prompt, similarity, pinned)[0]
+
+
+def _choose(slots: Sequence[Slot], prompt: list[int], similarity: float, pinned: int) -> tuple[Slot | None, How]:
     if pinned >= 0:
         slot = slots[pinned % len(slots)]
-        return None if slot.busy else slot
+        return (None if slot.busy else slot), "pinned"
     idle = [s for s in slots if not s.busy]
     if not idle:
-        return None
+        return None, "lru"
     if prompt and similarity > 0:
-        best = max(idle, key=lambda s: common_prefix(s.cache, prompt))
-        if common_prefix(best.cache, prompt) / len(prompt) >= similarity:
-            return best
-    return min(idle, key=lambda s: s.last_used)
+        shared = [common_prefix(s.cache, prompt) for s in idle]
+        best = max(range(len(idle)), key=shared.__getitem__)
+        if shared[best] / len(prompt) >= similarity:
+            return idle[best], "similar"
+    return min(idle, key=lambda s: s.last_used), "lru"
 
 
 @dataclass(eq=False)
 class _Waiter:
-    prompt: Sequence[int]
+    prompt: list[int]
     pinned: int
     future: asyncio.Future[Slot]
 
 
 class SlotPool:
-    def __init__(self, n_slots: int, similarity: float = 0.1) -> None:
+    def __init__(self, n_slots: int, similarity: float = 0.1, prompt_cache: PromptCache | None = None) -> None:
         self.slots = [Slot(i) for i in range(n_slots)]
         self.similarity = similarity
+        self.prompt_cache = prompt_cache
         self._queue: deque[_Waiter] = deque()
         self._tick = 0
 
@@ -81,7 +90,7 @@ class SlotPool:
     def waiting(self) -> int:
         return len(self._queue)
 
-    async def acquire(self, prompt: Sequence[int], pinned: int = -1) -> Slot:
+    async def acquire(self, prompt: list[int], pinned: int = -1) -> Slot:
         waiter = _Waiter(prompt, pinned, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self._dispatch()
@@ -104,11 +113,23 @@ class SlotPool:
             slot.cache = []
             slot.id_task = -1
             slot.params = None
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
-    def _take(self, slot: Slot) -> Slot:
+    def _take(self, slot: Slot, how: How, prompt: list[int]) -> Slot:
+        cache = self.prompt_cache
+        if cache is not None and _swaps_out(slot, how, prompt):
+            cache.save(slot.cache)
+            restored = cache.load(slot.cache, prompt)
+            if restored is not None:
+                slot.cache, slot.n_restored = restored, len(restored)
         self._tick += 1
         slot.busy = True
         slot.last_used = self._tick
+        if cache is not None:
+            for idle in self.slots:
+                if not idle.busy:
+                    cache.save(idle.cache)
         return slot
 
     def _dispatch(self) -> None:
@@ -116,10 +137,17 @@ class SlotPool:
             if waiter.future.done():
                 self._queue.remove(waiter)
                 continue
-            slot = choose(self.slots, waiter.prompt, self.similarity, waiter.pinned)
+            slot, how = _choose(self.slots, waiter.prompt, self.similarity, waiter.pinned)
             if slot is None:
                 if all(s.busy for s in self.slots):
                     return
                 continue
             self._queue.remove(waiter)
-            waiter.future.set_result(self._take(slot))
+            waiter.future.set_result(self._take(slot, how, waiter.prompt))
+
+
+def _swaps_out(slot: Slot, how: How, prompt: list[int]) -> bool:
+    """Whether llama-server would save the slot's prompt and look for a better one (C:1680-1793)."""
+    if how == "pinned":
+        return False
+    return how == "lru" or common_prefix(slot.cache, prompt) < len(slot.cache) / 2
