@@ -3,7 +3,7 @@
 State changes are pure methods that take the time from the caller:
 
     unknown ──probe ok──▶ healthy ◀──probe ok── loading | offline | unhealthy | misconfigured
-       │                    │
+       │                    │        (back in after 2 good probes in a row)
        │                    └─ failed attempt (breaker) ─▶ offline | unhealthy
        └─probe 503 Loading─▶ loading      probe refused/timeout ─▶ offline
                                           probe 401/403 ─▶ misconfigured   other ─▶ unhealthy
@@ -21,7 +21,8 @@ from olla.config import EndpointConfig
 from olla.slots import Slots
 
 OFFLINE_BACKOFF_CAP = 30.0
-LOADING_RECHECK = 1.0
+LOADING_RECHECK = 1.0  # also the pace of the checks that bring an endpoint back
+RECOVERY_PROBES = 2
 SPEED_WEIGHT = 0.2  # of the newest measurement in the moving averages
 TYPICAL_TOKENS = 64  # a reply length, to weigh time to first byte against tokens per second
 
@@ -76,6 +77,7 @@ class Endpoint:
     last_check: float | None = None
     last_latency: float | None = None
     probe_failures: int = 0
+    good_probes: int = 0  # in a row
     breaker_failures: int = 0
     in_flight: int = 0
     requests: int = 0
@@ -112,23 +114,36 @@ class Endpoint:
         return seconds
 
     def record_probe(self, probe: Probe, now: float) -> bool:
-        """Apply one probe; True when the endpoint has just become healthy (a recovery)."""
+        """Apply one probe; True when the endpoint has just become healthy (a recovery).
+
+        An endpoint that was out of rotation comes back only after RECOVERY_PROBES
+        good probes in a row, so a flapping one does not bounce in and out; one
+        starting up (unknown) is healthy at its first good probe.
+        """
         was = self.health
         self.last_check = now
         self.last_latency = probe.latency
-        self.detail = probe.detail
-        self.health = probe.health
-        if probe.health is Health.HEALTHY:
+        if probe.health is not Health.HEALTHY:
+            self.good_probes = 0
+            self.detail = probe.detail
+            self.health = probe.health
+            if probe.health is not Health.LOADING:
+                self.probe_failures += 1
+            return False
+        self.good_probes += 1
+        if was in (Health.HEALTHY, Health.UNKNOWN) or self.good_probes >= RECOVERY_PROBES:
+            self.health = Health.HEALTHY
+            self.detail = ""
             self.probe_failures = 0
             self.breaker_failures = 0
-        elif probe.health is not Health.LOADING:
-            self.probe_failures += 1
-        return probe.health is Health.HEALTHY and was is not Health.HEALTHY
+        else:
+            self.detail = f"recovering: {self.good_probes} of {RECOVERY_PROBES} good checks"
+        return self.health is Health.HEALTHY and was is not Health.HEALTHY
 
     def next_probe_in(self) -> float:
-        """Seconds until the next probe: sooner while loading, backing off while offline."""
+        """Seconds until the next probe: sooner while loading or recovering, backing off while offline."""
         interval = self.config.check_interval
-        if self.health is Health.LOADING:
+        if self.health is Health.LOADING or (self.good_probes and not self.routable):
             return min(interval, LOADING_RECHECK)
         if self.health is Health.OFFLINE and self.probe_failures > 1:
             backoff: float = interval * 2.0 ** (self.probe_failures - 1)

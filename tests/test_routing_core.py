@@ -34,8 +34,25 @@ def test_probe_results_set_health_and_report_recovery() -> None:
     assert not e.routable and e.health is Health.UNKNOWN
     assert e.record_probe(Probe(Health.LOADING, 0.01, "Loading model"), now=1) is False
     assert not e.routable
-    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=2) is True  # recovery
-    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=3) is False  # still healthy: no new recovery
+    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=2) is False  # one good check is not enough
+    assert not e.routable and "1 of 2" in e.detail and e.next_probe_in() == 1.0
+    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=3) is True  # recovery
+    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=4) is False  # still healthy: no new recovery
+    assert e.routable
+
+
+def test_an_endpoint_starting_up_is_healthy_at_its_first_good_check() -> None:
+    e = Endpoint(cfg("a"))
+    assert e.record_probe(Probe(Health.HEALTHY, 0.01), now=0) is True and e.routable
+
+
+def test_a_flapping_endpoint_stays_out_until_two_good_checks_in_a_row() -> None:
+    e = Endpoint(cfg("a"))
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
+    for now, health in enumerate([Health.OFFLINE, Health.HEALTHY, Health.OFFLINE, Health.HEALTHY], start=1):
+        e.record_probe(Probe(health, 0.01), now=now)
+        assert not e.routable, now
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=6)
     assert e.routable
 
 
@@ -51,7 +68,9 @@ def test_loading_is_rechecked_sooner_and_offline_backs_off_to_a_cap() -> None:
     assert delays == sorted(delays) and delays[1] > delays[0]
     assert delays[-1] == 30.0
     e.record_probe(Probe(Health.HEALTHY, 0.01), now=9)
-    assert e.next_probe_in() == 5.0
+    assert e.next_probe_in() == 1.0  # recovering: the confirming check comes soon
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=10)
+    assert e.routable and e.next_probe_in() == 5.0
 
 
 def test_breaker_ejects_at_once_and_only_a_good_probe_brings_it_back() -> None:
@@ -63,6 +82,7 @@ def test_breaker_ejects_at_once_and_only_a_good_probe_brings_it_back() -> None:
     assert e.record_outcome(Outcome.UNREACHABLE) is False  # already out
     assert e.errors == 2
     e.record_probe(Probe(Health.HEALTHY, 0.01), now=1)
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=2)
     assert e.routable and e.breaker_failures == 0
 
 

@@ -400,3 +400,12 @@ async def test_the_app_also_runs_under_pytest_aiohttp(aiohttp_server, sim_sessio
     assert status == 200 and body["tokens_predicted"] == 2
     with pytest.raises(ValueError, match="needs a listener"):
         sim.set_fault("refuse")
+
+
+async def test_huge_token_limits_are_clamped_not_a_crash(start_sim, sim_session) -> None:
+    sim = await start_sim(decode_ms=0.0)
+    for limit in (2**64, 1e30, 10**30):
+        async with sim_session.post(sim.url + "/completion", json={"prompt": "x", "n_predict": limit, "stream": True}) as r:
+            assert r.status == 200
+            first = await r.content.readline()
+            assert first.startswith(b"data: ")

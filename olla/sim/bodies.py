@@ -40,6 +40,9 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 def integer(body: dict[str, Any], *names: str, default: int) -> int:
     """The first of `names` present in the body, as an integer."""
     for name in names:
@@ -49,7 +52,8 @@ def integer(body: dict[str, Any], *names: str, default: int) -> int:
                 raise errors.invalid(
                     f"Field '{name}': [json.exception.type_error.302] type must be number, but is {_json_type(value)}"
                 )
-            return int(value)
+            # llama-server reads these as 32-bit ints; a huge value must not break the reply's JSON.
+            return max(INT32_MIN, min(INT32_MAX, int(value)))
     return default
 
 
