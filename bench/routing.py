@@ -584,6 +584,7 @@ def chart(rows: list[Row], path: Path) -> None:
 
 def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float, output: Path) -> str:
     fleet = [f"| {name} | {c.model} | {c.slots} | {c.prefill_ms:g} | {c.decode_ms:g} |" for name, c in FLEET.items()]
+    sim = next(iter(FLEET.values()))
     pools = [
         f"| {m} | {cap.share[m]:.0%} | {cap.output[m]:.1f} | {cap.uncached[m]:.0f} | {cap.pool[m]:.2f} "
         f"| {cap.cold[m]:.0f} | {cap.pool_cold[m]:.2f} | "
@@ -608,6 +609,9 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "| endpoint | model | slots | prefill ms/token | decode ms/token |",
         "| --- | --- | ---: | ---: | ---: |",
         *fleet,
+        "",
+        f"Every endpoint: n_ctx {N_CTX} per slot and the emulator's other defaults, among them its RAM prompt cache "
+        f"(`cache_ram_tokens` {sim.cache_ram_tokens:,}, restoring at {sim.cache_load_fraction:g} × prefill cost).",
         "",
         "## Workload",
         "",
