@@ -25,6 +25,7 @@ class Slots:
     own: int = 0
     external: int = 0
     readable: bool | None = None  # None until /slots was tried
+    _excess: int = 0  # the previous reading's processing slots beyond the router's own
 
     @property
     def total(self) -> int:
@@ -57,7 +58,10 @@ class Slots:
 
         The listing is a snapshot taken while the request was in flight, so the
         router's own share of it is at most the larger of its claims before and
-        after: counting the larger one never invents external load.
+        after: counting the larger one never invents external load. A slot that
+        finished a router request just before the snapshot can still show as
+        processing, so external load counts only what two readings in a row agree
+        on: churn vanishes, another client holding a slot is seen one interval later.
         """
         if not isinstance(listing, list) or not all(isinstance(s, dict) for s in listing):
             self.readable = False
@@ -67,12 +71,14 @@ class Slots:
         before = self.free
         self.readable = True
         self.listed = len(listing) or None
-        self.external = max(0, processing - max(own_before, self.own))
+        excess = max(0, processing - max(own_before, self.own))
+        self.external = min(excess, self._excess)
+        self._excess = excess
         return self.free > before
 
     def unreadable(self) -> bool:
         """/slots is off or refused: forget external load; True when that freed capacity."""
         before = self.free
         self.readable = False
-        self.external = 0
+        self.external = self._excess = 0
         return self.free > before

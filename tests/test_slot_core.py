@@ -36,6 +36,8 @@ def test_busy_is_own_claims_plus_what_others_keep_busy() -> None:
     s.claim()
     listing = [{"id": i, "is_processing": i < 3} for i in range(4)]
     assert s.reconcile(listing, own_before=2) is False
+    assert s.external == 0  # one reading could be a slot just finishing a router request
+    assert s.reconcile(listing, own_before=2) is False
     assert (s.own, s.external, s.busy, s.free, s.source) == (2, 1, 3, 1, "slots")
     s.release()
     s.release()
@@ -49,6 +51,18 @@ def test_a_listing_taken_while_claims_changed_never_invents_external_load() -> N
     s.claim()
     assert s.reconcile([{"is_processing": True}, {"is_processing": False}], own_before=1) is False
     assert s.external == 0
+
+
+def test_a_slot_seen_busy_in_one_reading_only_is_churn_not_load() -> None:
+    s = Slots(reported=2)
+    busy_one = [{"is_processing": True}, {"is_processing": False}]
+    idle = [{"is_processing": False}, {"is_processing": False}]
+    for listing in (busy_one, idle, busy_one, idle):
+        s.reconcile(listing, own_before=0)
+        assert s.external == 0
+    s.reconcile(busy_one, own_before=0)
+    s.reconcile(busy_one, own_before=0)
+    assert s.external == 1
 
 
 def test_unreadable_slots_fall_back_to_own_counts() -> None:
