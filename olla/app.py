@@ -92,9 +92,10 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAM] = upstream
         queue = app[QUEUE]
         affinity = config.proxy.affinity
+        slot_aware = queue.balancer.name == "slot-aware"  # affinity is part of slot-aware routing
         app[PROXY] = Proxy(
             config, app[REGISTRY], upstream, queue.balancer, app[METRICS], queue,
-            AffinityMap(affinity.max_entries, affinity.ttl) if affinity.enabled else None,
+            AffinityMap(affinity.max_entries, affinity.ttl) if affinity.enabled and slot_aware else None,
         )  # fmt: skip
         yield
 

@@ -36,7 +36,6 @@ async def start(host: str, port: int) -> tuple[SimFleet, Config]:
     ]  # fmt: skip
     raw = {
         "server": {"host": host, "port": port},
-        "proxy": {"load_balancer": "least-connections"},
         "discovery": {"static": {"endpoints": endpoints}},
         "model_aliases": {"chat": [CHAT], "code": [CODE]},
         "logging": {"level": "info", "format": "text"},

@@ -206,3 +206,10 @@ async def test_status_and_metrics_show_slots_and_queues(start_sims, make_router)
     models = (await (await client.get("/internal/status/models")).json())["models"]
     assert models[0]["queue"]["waited"] == 1 and models[0]["queue"]["mean_wait_ms"] > 0
     assert orjson.loads(orjson.dumps(models))  # JSON all the way down
+
+
+async def test_affinity_belongs_to_slot_aware_only(start_sims, make_router) -> None:
+    (sim,) = await start_sims(fast())
+    client = await make_router([ep("only", sim)], proxy={"load_balancer": "least-connections"})
+    r = await post(client, chat(), headers={"X-Olla-Session-ID": "s"})
+    assert r.status == 200 and "X-Olla-Affinity" not in r.headers
