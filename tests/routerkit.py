@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from olla.config import Config, parse_config
@@ -64,3 +65,20 @@ async def wait_until(registry: Registry, predicate: Callable[[], bool], timeout:
             await asyncio.wait_for(changed.wait(), remaining)
         except TimeoutError:
             pass
+
+
+async def fake_endpoint(aiohttp_server: Any, tokenize: Callable[[web.Request], Any]) -> str:
+    """A minimal llama-server look-alike serving CHAT: health, models, and `tokenize` as given; its URL."""
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": CHAT}]})
+
+    fake = web.Application()
+    fake.router.add_get("/health", health)
+    fake.router.add_get("/v1/models", models)
+    fake.router.add_post("/tokenize", tokenize)
+    server = await aiohttp_server(fake)
+    return str(server.make_url("/")).rstrip("/")

@@ -16,7 +16,7 @@ from olla.admission_config import AuthConfig
 from olla.clients import Clients, generated_client, parse_key_list, presented_key
 from olla.config import parse_config
 from olla.errors import ConfigError
-from tests.routerkit import CHAT, chat, ep, fast, post
+from tests.routerkit import CHAT, chat, ep, fake_endpoint, fast, post
 
 KEY_A, KEY_B = "sk-team-a-0123456789", "sk-team-b-9876543210"
 MISSING = "Missing API key: send it as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'."
@@ -265,18 +265,7 @@ async def test_client_keys_never_reach_an_endpoint(aiohttp_server, make_router) 
         seen.append(dict(request.headers))
         return web.json_response({"tokens": [1]})
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": CHAT}]})
-
-    fake = web.Application()
-    fake.router.add_get("/health", health)
-    fake.router.add_get("/v1/models", models)
-    fake.router.add_post("/tokenize", tokenize)
-    server = await aiohttp_server(fake)
-    url = str(server.make_url("/")).rstrip("/")
+    url = await fake_endpoint(aiohttp_server, tokenize)
     client = await make_router([{"name": "fake", "url": url, "headers": {"Authorization": "Bearer backend-key"}}],
                                server=AUTH)  # fmt: skip
     body = {"content": "hi", "model": CHAT}

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from olla.app import REGISTRY
-from tests.routerkit import CHAT, chat, ep, fast, post, wait_until
+from tests.routerkit import CHAT, chat, ep, fake_endpoint, fast, post, wait_until
 from tests.simkit import until
 
 
@@ -258,19 +258,8 @@ async def test_forwarded_headers_drop_hop_by_hop_and_client_credentials(aiohttp_
         seen["query"] = request.query_string
         return web.json_response({"tokens": [1]}, headers={"Connection": "keep-alive", "X-Olla-Endpoint": "spoof"})
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": CHAT}]})
-
-    fake = web.Application()
-    fake.router.add_get("/health", health)
-    fake.router.add_get("/v1/models", models)
-    fake.router.add_post("/tokenize", tokenize)
-    server = await aiohttp_server(fake)
-    client = await make_router([{"name": "fake", "url": str(server.make_url("/")).rstrip("/"),
-                                 "headers": {"Authorization": "Bearer backend-key"}}])  # fmt: skip
+    url = await fake_endpoint(aiohttp_server, tokenize)
+    client = await make_router([{"name": "fake", "url": url, "headers": {"Authorization": "Bearer backend-key"}}])
     raw = b'{"content":  "keep   my spacing", "model": "chat-model"}'
     r = await client.post("/olla/llamacpp/tokenize?with_pieces=true", data=raw, headers={
         "Authorization": "Bearer client-secret", "X-Api-Key": "client-key", "Cookie": "c=1",
