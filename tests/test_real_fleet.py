@@ -83,7 +83,9 @@ async def _sdk_calls(sdk: openai.AsyncOpenAI) -> None:
 
     completion = await sdk.completions.create(model=CODE, prompt="def add(a, b):", max_tokens=6)
     assert completion.object == "text_completion" and completion.choices[0].text is not None
-    stream = await sdk.completions.create(model=CODE, prompt="def add(a, b):", max_tokens=6, stream=True)
+    # Greedy: the same events every run (random weights may otherwise hold bytes back into one event).
+    stream = await sdk.completions.create(model=CODE, prompt="def add(a, b):", max_tokens=16, stream=True,
+                                          temperature=0, extra_body={"ignore_eos": True})
     parts = [c async for c in stream]
     assert len(parts) >= 2 and parts[-1].choices[0].finish_reason in ("length", "stop")
 
