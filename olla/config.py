@@ -98,6 +98,7 @@ class ProxyConfig:
     retry: RetryConfig = RetryConfig()
     queue: QueueConfig = QueueConfig()
     affinity: AffinityConfig = AffinityConfig()
+    header_timeout: float = 10.0  # routes that take no slot: silence before headers means a stuck endpoint
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,8 @@ def _server(r: Checks, value: Any, env: Mapping[str, str], base_dir: Path) -> Se
 
 def _proxy(r: Checks, value: Any) -> ProxyConfig:
     d = ProxyConfig()
-    keys = ("load_balancer", "connection_timeout", "response_timeout", "read_timeout", "retry", "queue", "affinity")
+    keys = ("load_balancer", "connection_timeout", "response_timeout", "read_timeout", "header_timeout", "retry",
+            "queue", "affinity")  # fmt: skip
     m = r.mapping(value, "proxy", keys)
     timeout = duration(0, exclusive=True)
     expected = f"{DURATION_EXPECTED}, above zero"
@@ -364,6 +366,7 @@ def _proxy(r: Checks, value: Any) -> ProxyConfig:
         connection_timeout=r.get(m, "connection_timeout", "proxy", d.connection_timeout, timeout, expected),
         response_timeout=r.get(m, "response_timeout", "proxy", d.response_timeout, timeout, expected),
         read_timeout=r.get(m, "read_timeout", "proxy", d.read_timeout, timeout, expected),
+        header_timeout=r.get(m, "header_timeout", "proxy", d.header_timeout, timeout, expected),
         retry=RetryConfig(
             enabled=r.get(retry, "enabled", "proxy.retry", True, boolean, "true or false"),
             max_attempts=r.get(

@@ -70,6 +70,7 @@ class Proxy:
         self.metrics = metrics
         self.queue = queue
         self.affinity = affinity
+        self.header_timeout = config.proxy.header_timeout
         retry = config.proxy.retry
         self.max_attempts = (retry.max_attempts or len(registry) or 1) if retry.enabled else 1
 
@@ -160,9 +161,11 @@ class Proxy:
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
             headers.popall("Content-Encoding", None)  # aiohttp decompressed the body; the bytes go out as read
             self._enter(endpoint)
+            # A request that takes no slot cannot be waiting for a generation: silence means a stuck endpoint.
+            headers_by = deadline if plan.route.takes_slot else min(deadline, time.monotonic() + self.header_timeout)
             try:
                 upstream = await self.upstream.send(
-                    endpoint, request.method, plan.path_qs, headers, plan.body, deadline, plan.streaming
+                    endpoint, request.method, plan.path_qs, headers, plan.body, headers_by, plan.streaming
                 )
             except UpstreamError as exc:
                 self._leave(endpoint, plan)

@@ -238,7 +238,7 @@ def test_load_config_uses_process_environment_by_default(tmp_path: Path, monkeyp
 def test_unknown_key_suggests_the_closest() -> None:
     assert one_problem({"proxy": {"load_balancr": "priority"}}) == (
         "test.yaml: proxy.load_balancr: unknown key (did you mean load_balancer?): got 'load_balancr'; "
-        "expected one of load_balancer, connection_timeout, response_timeout, read_timeout, retry, queue, affinity"
+        "expected one of load_balancer, connection_timeout, response_timeout, read_timeout, header_timeout, retry, queue, affinity"
     )
 
 

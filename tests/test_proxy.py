@@ -320,3 +320,33 @@ async def test_a_wrong_method_on_olla_s_own_routes_is_a_405_naming_the_allowed_o
     body = await r.json()
     assert r.status == 405 and body["error"]["code"] == "method_not_allowed"
     assert "use GET" in body["error"]["message"] and "GET" in r.headers["Allow"]
+
+
+async def test_silence_before_headers_fails_over_only_where_no_generation_can_be_running(
+    aiohttp_server, start_sims, make_router
+) -> None:
+    async def stuck(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def tokenize(request: web.Request) -> web.Response:
+        return web.json_response({"tokens": [1, 2]})
+
+    stuck_url = await fake_endpoint(aiohttp_server, stuck)
+    good_url = await fake_endpoint(aiohttp_server, tokenize)
+    client = await make_router([{"name": "stuck", "url": stuck_url, "priority": 100},
+                                {"name": "good", "url": good_url, "priority": 50}],
+                               proxy={"header_timeout": "300ms"})  # fmt: skip
+    started = time.monotonic()
+    r = await post(client, {"content": "x"}, "/olla/llamacpp/tokenize", headers={"X-Olla-Model": CHAT})
+    assert r.status == 200 and r.headers["X-Olla-Endpoint"] == "good"
+    assert r.headers["X-Olla-Routing-Decision"] == "fallback"
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert client.app[REGISTRY].endpoints["stuck"].health.value == "offline"
+
+
+async def test_a_long_non_streaming_generation_is_not_cut_by_the_header_timeout(start_sims, make_router) -> None:
+    (sim,) = await start_sims(fast(decode_ms=20.0))
+    client = await make_router([ep("only", sim)], proxy={"header_timeout": "200ms"})
+    r = await post(client, chat(tokens=30))  # headers only after about 0.6 s, when the generation is done
+    assert r.status == 200 and r.headers["X-Olla-Routing-Decision"] == "routed"
