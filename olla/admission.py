@@ -11,7 +11,8 @@ OpenAI-shaped JSON with `X-Olla-Request-Id` and written to the access log):
    the caller's address for a request without one. Else 429.
 
 `on_prepare` then adds the CORS and `X-RateLimit-*` headers to every response,
-streamed ones included, just before its headers are sent.
+streamed ones included, just before its headers are sent. (Endpoints' own CORS
+headers never get that far: `upstream.response_headers` drops them.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from aiohttp.typedefs import Handler
 
 from olla.clients import ANONYMOUS, Clients, caller_address, presented_key
 from olla.config import ServerConfig
-from olla.cors import PREFLIGHT_STATUS, CorsPolicy, is_cors_header, is_preflight
+from olla.cors import PREFLIGHT_STATUS, CorsPolicy, is_preflight
 from olla.errors import AuthenticationFailed, RateLimited
 from olla.exchange import EXCHANGE
 from olla.limits import CALLER, GLOBAL, RateLimiter, Verdict
@@ -94,8 +95,6 @@ class Admission:
             return
         for name, value in request.get(RATE_HEADERS, {}).items():
             response.headers.setdefault(name, value)
-        for name in {n for n in response.headers if is_cors_header(n)}:
-            response.headers.popall(name)
         if self.cors is None:
             return
         if self.cors.varies:

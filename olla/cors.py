@@ -22,10 +22,6 @@ def is_preflight(method: str, headers: Mapping[str, str]) -> bool:
     return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
 
 
-def is_cors_header(name: str) -> bool:
-    return name.lower().startswith("access-control-")
-
-
 class CorsPolicy:
     def __init__(self, config: CorsConfig) -> None:
         self.any_origin = config.allowed_origins == ("*",)

@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 
 from olla import __version__
 from olla.clients import ANONYMOUS
-from olla.errors import RequestFailed, ShuttingDown
+from olla.errors import MethodNotAllowed, RequestFailed, RouteNotFound, ShuttingDown
 from olla.metrics import Metrics
 
 access_log = logging.getLogger("olla.access")
@@ -91,9 +91,15 @@ def error_response(exc: RequestFailed, exchange: Exchange) -> web.Response:
     )
 
 
-def _not_allowed(request: web.Request, allowed: str) -> RequestFailed:
-    failure = RequestFailed(f"{request.method} is not allowed on {request.path}; use {allowed}")
-    failure.status, failure.code, failure.type = 405, "method_not_allowed", "invalid_request_error"
+def _translated(exc: web.HTTPException, request: web.Request) -> RequestFailed:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
+    if exc.status == 404:
+        return RouteNotFound(f"{request.method} {request.path} is not served by olla")
+    failure = RequestFailed(exc.reason)
+    failure.status, failure.code = exc.status, exc.reason.lower().replace(" ", "_")
+    failure.type = "invalid_request_error"
     return failure
 
 
@@ -124,16 +130,9 @@ async def _handle(request: web.Request, handler: Handler, exchange: Exchange, me
     except RequestFailed as exc:
         response = error_response(exc, exchange)
     except web.HTTPException as exc:  # aiohttp's own 404/405 for paths outside every route
-        failure = RequestFailed(exc.reason)
-        failure.status, failure.code = exc.status, exc.reason.lower().replace(" ", "_")
-        failure.type = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        if exc.status == 404:
-            failure.message = f"{request.method} {request.path} is not served by olla"
-        response = error_response(failure, exchange)
+        response = error_response(_translated(exc, request), exchange)
         if isinstance(exc, web.HTTPMethodNotAllowed):
-            allowed = ", ".join(sorted(exc.allowed_methods))
-            response = error_response(_not_allowed(request, allowed), exchange)
-            response.headers["Allow"] = allowed
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
     except ConnectionResetError:
         exchange.status = exchange.status or 499  # the client left; nothing more can be sent
         finish(exchange, request, metrics)

@@ -56,12 +56,18 @@ def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str |
     return headers
 
 
+# An endpoint's own X-Olla-* would spoof olla's; its CORS headers (llama-server echoes any Origin)
+# would open it to browsers whatever `server.cors` says.
+NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
+
+
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     connection_listed = {h.strip().lower() for h in upstream.get("connection", "").split(",")}
     return CIMultiDict(
         (k, v)
         for k, v in upstream.items()
-        if k.lower() not in HOP_BY_HOP and k.lower() not in connection_listed and not k.lower().startswith("x-olla-")
+        if k.lower() not in HOP_BY_HOP and k.lower() not in connection_listed
+        and not k.lower().startswith(NOT_RELAYED_PREFIXES)
     )
 
 
