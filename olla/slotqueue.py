@@ -6,7 +6,11 @@ sit idle. So a request that takes a slot claims one through `acquire`: at once
 when the balancer finds a free slot and nobody is waiting, otherwise in its
 pool's FIFO. Every released slot, recovery or newly learned capacity hands free
 slots to waiters in arrival order (a waiter that cannot use the freed endpoint,
-having already failed there, lets the next one have it).
+having already failed there, lets the next one have it), with one exception for
+KV-cache affinity: a waiter whose preferred endpoint has the free slot takes it
+ahead of earlier waiters, which would have to move their conversation there and
+re-process it. The exception is bounded: a waiter passed over `MAX_OVERTAKEN`
+times is served before anyone else.
 
 A full queue, or a wait beyond the timeout, answers 503 `slots_exhausted` with
 Retry-After. A client that leaves while waiting is simply dropped.
@@ -26,12 +30,15 @@ from olla.errors import NoHealthyEndpoint, SlotsExhausted
 from olla.metrics import Metrics
 from olla.registry import Pool
 
+MAX_OVERTAKEN = 8  # how often a waiter can be passed over for affinity: ~8 slot releases of extra wait at most
+
 
 @dataclass(eq=False)
 class Waiter:
     future: asyncio.Future[Endpoint]
     exclude: tuple[Endpoint, ...]
     preferred: Endpoint | None
+    overtaken: int = 0
 
 
 @dataclass(eq=False)
@@ -96,21 +103,37 @@ class SlotQueue:
                 self._dispatch(waitlist)
 
     def _dispatch(self, waitlist: Waitlist) -> None:
-        if not waitlist.pool.tiers():
-            failure = NoHealthyEndpoint(waitlist.pool.unavailable_reason())
+        pool = waitlist.pool
+        if not pool.tiers():
+            failure = NoHealthyEndpoint(pool.unavailable_reason())
             for waiter in waitlist.waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(failure)
             return
-        for waiter in list(waitlist.waiters):
-            if waiter.future.done():
-                continue
-            tiers = waitlist.pool.tiers(waiter.exclude)
-            endpoint = self.balancer.pick(tiers, waiter.preferred) if tiers else None
-            if endpoint is None:
-                continue
-            endpoint.slots.claim()
-            waiter.future.set_result(endpoint)
+        if not any(e.routable and e.slots.free > 0 for e in pool.members):
+            return
+        waiting = [w for w in waitlist.waiters if not w.future.done()]
+        overdue = [w for w in waiting if w.overtaken >= MAX_OVERTAKEN]
+        for waiter in overdue:
+            self._serve(pool, waiter)
+        if not overdue:
+            for i, waiter in enumerate(waiting):
+                if waiter.preferred is not None and self._serve(pool, waiter, only=waiter.preferred):
+                    for earlier in waiting[:i]:
+                        earlier.overtaken += not earlier.future.done()
+        for waiter in waiting:
+            if not waiter.future.done():
+                self._serve(pool, waiter)
+
+    def _serve(self, pool: Pool, waiter: Waiter, only: Endpoint | None = None) -> bool:
+        """Hand the waiter a slot the balancer picks for it (`only` that endpoint); False when none is free."""
+        tiers = pool.tiers(waiter.exclude)
+        endpoint = self.balancer.pick(tiers, waiter.preferred) if tiers else None
+        if endpoint is None or (only is not None and endpoint is not only):
+            return False
+        endpoint.slots.claim()
+        waiter.future.set_result(endpoint)
+        return True
 
     def _leave(self, waitlist: Waitlist, waiter: Waiter, waited: float) -> None:
         waitlist.waiters.remove(waiter)

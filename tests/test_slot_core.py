@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from olla.affinity import BLOCK, AffinityMap, keys_for
 from olla.balancer import SlotAware
 from olla.config import EndpointConfig
-from olla.endpoint import Endpoint
+from olla.endpoint import Endpoint, Health
+from olla.metrics import Metrics
+from olla.registry import Pool
+from olla.slotqueue import MAX_OVERTAKEN, SlotQueue
 from olla.slots import Slots
 
 
@@ -110,6 +115,49 @@ def test_the_preferred_endpoint_wins_while_it_has_a_free_slot() -> None:
 def test_requests_that_take_no_slot_never_wait() -> None:
     a = endpoint("a", 1, busy=1)
     assert SlotAware().pick([[a]], need_slot=False) is a
+
+
+# --- the router's queue and affinity ------------------------------------------------------
+
+
+async def waiting(queue: SlotQueue, pool: Pool, preferred: Endpoint | None) -> asyncio.Task[Endpoint]:
+    task = asyncio.create_task(queue.acquire(pool, preferred=preferred))
+    await asyncio.sleep(0)  # let it join the queue
+    return task
+
+
+async def test_a_freed_slot_goes_to_the_waiter_whose_conversation_is_cached_there() -> None:
+    a, b = endpoint("a", 1, busy=1), endpoint("b", 1, busy=1)
+    a.health = b.health = Health.HEALTHY
+    pool, queue = Pool("m", (a, b)), SlotQueue(SlotAware(), 10, 5.0, Metrics())
+    homed_b, homed_a, anywhere = [await waiting(queue, pool, p) for p in (b, a, None)]
+    queue.release(a)
+    await asyncio.sleep(0)
+    assert homed_a.done() and homed_a.result() is a  # ahead of the earlier waiter, which would have to move
+    assert not homed_b.done() and not anywhere.done()
+    queue.release(b)
+    await asyncio.sleep(0)
+    assert homed_b.result() is b and not anywhere.done()
+    queue.release(a)
+    await asyncio.sleep(0)
+    assert anywhere.result() is a
+
+
+async def test_a_waiter_is_passed_over_for_affinity_a_bounded_number_of_times() -> None:
+    a, b = endpoint("a", 1, busy=1), endpoint("b", 1, busy=1)
+    a.health = b.health = Health.HEALTHY
+    pool, queue = Pool("m", (a, b)), SlotQueue(SlotAware(), 100, 5.0, Metrics())
+    head = await waiting(queue, pool, b)  # b never frees; a keeps freeing for newcomers homed on a
+    for _ in range(MAX_OVERTAKEN):
+        newcomer = await waiting(queue, pool, a)
+        queue.release(a)
+        await asyncio.sleep(0)
+        assert newcomer.result() is a and not head.done()
+    newcomer = await waiting(queue, pool, a)
+    queue.release(a)
+    await asyncio.sleep(0)
+    assert head.result() is a and not newcomer.done()  # overdue: served first, its conversation moves
+    newcomer.cancel()
 
 
 # --- affinity ---------------------------------------------------------------------------
