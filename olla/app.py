@@ -1,37 +1,82 @@
-"""`create_app(config)`: app keys, cleanup contexts, middlewares and routes; the only wiring."""
+"""`create_app(config)`: app keys, cleanup contexts, middlewares and routes; the only wiring.
+
+`reload(app, path)` applies a config file to the running app (SIGHUP in `olla
+serve`): a new config is built and swapped in, never the old one changed.
+Endpoints are matched by name (`Registry.replace`): an unchanged one keeps its
+state and its loops, a removed one leaves the pools and its loops stop while
+requests in flight on it finish, an added one is probed and discovered at once.
+Requests that start after the swap follow the new proxy settings, aliases and
+server limits. `server.host`, `server.port` and the profiles need a restart; a
+reload that changes them says so in a warning and keeps the running ones.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from olla import admission, discovery, health
 from olla.admission import Admission
-from olla.affinity import AffinityMap
 from olla.balancer import BALANCERS
-from olla.config import Config
+from olla.config import Config, ServerConfig, load_config
+from olla.endpoint import Endpoint
+from olla.errors import ConfigError
 from olla.exchange import Traffic
 from olla.exchange import middleware as exchange_middleware
 from olla.metrics import Metrics
 from olla.proxy import Proxy
-from olla.registry import Registry
+from olla.registry import Pool, Registry
 from olla.slotqueue import SlotQueue
-from olla.status import Status
+from olla.status import LoadedConfig, Status
 from olla.upstream import KEEPALIVE, Upstream
 
-CONFIG = web.AppKey("config", Config)
+log = logging.getLogger("olla.config")
+
+CONFIG = web.AppKey("config", LoadedConfig)
 REGISTRY = web.AppKey("registry", Registry)
 METRICS = web.AppKey("metrics", Metrics)
-UPSTREAM = web.AppKey("upstream", Upstream)
 PROXY = web.AppKey("proxy", Proxy)
 QUEUE = web.AppKey("queue", SlotQueue)
 ADMISSION = web.AppKey("admission", Admission)
 TRAFFIC = web.AppKey("traffic", Traffic)
 HEALTH_PATH = "/internal/health"  # always open: probes carry no key
+
+
+class Monitors:
+    """Each endpoint's probe loop, discovery and slot reconciliation, started and stopped as endpoints come and go."""
+
+    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.tasks: dict[Endpoint, list[asyncio.Task[None]]] = {}
+        self._stopping: list[asyncio.Task[None]] = []
+
+    def start(self, endpoint: Endpoint, config: Config, upstream: Upstream) -> None:
+        registry, profile, every = self.registry, config.profiles[endpoint.config.type], config.discovery
+        self.tasks[endpoint] = [
+            asyncio.create_task(health.run(registry, upstream, endpoint, profile, self.metrics)),
+            asyncio.create_task(discovery.run(registry, upstream, endpoint, profile, every.model_discovery_interval)),
+            asyncio.create_task(discovery.run_slots(registry, upstream, endpoint, profile, every.slots_interval)),
+        ]
+
+    def stop(self, endpoint: Endpoint) -> None:
+        """Cancel the endpoint's loops; `stopped()` waits until they have ended."""
+        for task in self.tasks.pop(endpoint, ()):
+            task.cancel()
+            self._stopping.append(task)
+
+    async def stopped(self) -> None:
+        stopping, self._stopping = self._stopping, []
+        await asyncio.gather(*stopping, return_exceptions=True)
+
+
+MONITORS = web.AppKey("monitors", Monitors)
 
 
 def create_app(config: Config) -> web.Application:
@@ -42,7 +87,8 @@ def create_app(config: Config) -> web.Application:
     balancer = BALANCERS[config.proxy.load_balancer]()
     queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics)
     registry.listeners.append(queue.wake)
-    status = Status(registry, metrics, queue)
+    loaded = LoadedConfig(config)
+    status = Status(registry, metrics, queue, loaded)
     # Status routes need a key only with server.auth.protect_status, and have their own rate budget.
     status_routes = {"/internal/status": status.status, "/internal/status/endpoints": status.endpoints,
                      "/internal/status/models": status.status_models, "/metrics": status.prometheus}  # fmt: skip
@@ -55,14 +101,15 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.server.max_body_size,
     )
     app.on_response_prepare.append(gate.on_prepare)
-    app[CONFIG] = config
+    app[CONFIG] = loaded
     app[ADMISSION] = gate
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[QUEUE] = queue
     app[TRAFFIC] = traffic
+    app[MONITORS] = Monitors(registry, metrics)
 
-    app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_proxy)
     app.cleanup_ctx.append(_monitors)
 
     routes = app.router
@@ -84,36 +131,97 @@ def _proxied(app: web.Application, profile):  # type: ignore[no-untyped-def]
     return handle
 
 
-async def _upstream(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+async def _proxy(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=KEEPALIVE)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        upstream = Upstream(session, config.proxy)
-        app[UPSTREAM] = upstream
-        queue = app[QUEUE]
-        affinity = config.proxy.affinity
-        slot_aware = queue.balancer.name == "slot-aware"  # affinity is part of slot-aware routing
-        app[PROXY] = Proxy(
-            config, app[REGISTRY], upstream, queue.balancer, app[METRICS], queue,
-            AffinityMap(affinity.max_entries, affinity.ttl) if affinity.enabled and slot_aware else None,
-        )  # fmt: skip
+        config = app[CONFIG].config
+        app[PROXY] = Proxy(config, app[REGISTRY], Upstream(session, config.proxy), app[METRICS], app[QUEUE])
         yield
 
 
 async def _monitors(app: web.Application) -> AsyncIterator[None]:
-    """Per endpoint, on its own schedule: the probe loop, discovery, and slot reconciliation."""
-    config, registry, upstream, metrics = app[CONFIG], app[REGISTRY], app[UPSTREAM], app[METRICS]
-    interval = config.discovery.model_discovery_interval
-    slots_interval = config.discovery.slots_interval
-    tasks = []
-    for endpoint in registry:
-        profile = config.profiles[endpoint.config.type]
-        tasks.append(asyncio.create_task(health.run(registry, upstream, endpoint, profile, metrics)))
-        tasks.append(asyncio.create_task(discovery.run(registry, upstream, endpoint, profile, interval)))
-        tasks.append(asyncio.create_task(discovery.run_slots(registry, upstream, endpoint, profile, slots_interval)))
+    monitors = app[MONITORS]
+    for endpoint in app[REGISTRY]:
+        monitors.start(endpoint, app[CONFIG].config, app[PROXY].upstream)
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for endpoint in list(monitors.tasks):
+        monitors.stop(endpoint)
+    await monitors.stopped()
+
+
+# ---- reload ------------------------------------------------------------------------------
+
+# Read once at startup: a reload that changes them warns and keeps the running values.
+NEEDS_RESTART: dict[str, Callable[[Config], object]] = {
+    "server.host": lambda c: c.server.host,
+    "server.port": lambda c: c.server.port,
+    "profiles_dir": lambda c: c.profiles,
+}
+# What Admission builds from each `server` section; a changed section's parts are taken from one built anew.
+ADMISSION_PARTS = {"auth": ("clients", "protect_status"), "rate_limits": ("limits", "limiter"), "cors": ("cors",)}
+
+
+async def reload(app: web.Application, path: str | Path) -> bool:
+    """Load the config file and apply it; True when applied. A refused file leaves the running config serving."""
+    try:
+        apply(app, load_config(path))
+    except ConfigError as exc:
+        app[CONFIG].refused(exc.problems)
+        log.error("config reload refused; the running config keeps serving",
+                  extra={"source": str(path), "problems": exc.problems})  # fmt: skip
+        return False
+    await app[MONITORS].stopped()
+    return True
+
+
+def apply(app: web.Application, config: Config) -> None:
+    """Swap a new config in (see the module docstring); raises ConfigError when it cannot apply without a restart."""
+    loaded, registry, proxy, monitors = app[CONFIG], app[REGISTRY], app[PROXY], app[MONITORS]
+    running = loaded.config
+    loaded_types = ", ".join(sorted(running.profiles))
+    unknown = [f"{config.source}: discovery.static.endpoints[{i}].type: not a profile olla loaded at startup (a new "
+               f"profile needs a restart): got {c.type!r}; expected one of {loaded_types}"
+               for i, c in enumerate(config.discovery.endpoints) if c.type not in running.profiles]  # fmt: skip
+    if unknown:
+        raise ConfigError(unknown)
+    restart = [key for key, read in NEEDS_RESTART.items() if read(config) != read(running)]
+    server = dataclasses.replace(config.server, host=running.server.host, port=running.server.port)
+    config = dataclasses.replace(config, server=server, profiles=running.profiles)
+
+    change = registry.replace(config.discovery.endpoints, config.model_aliases)
+    names = change.names()
+    app[METRICS].declare(names["added"])
+    proxy.configure(config)
+    _readmit(app[ADMISSION], running.server, config.server, app[METRICS])
+    intervals = (config.discovery.model_discovery_interval, config.discovery.slots_interval)
+    restart_all = intervals != (running.discovery.model_discovery_interval, running.discovery.slots_interval)
+    for endpoint in list(monitors.tasks) if restart_all else change.removed:
+        monitors.stop(endpoint)
+    for endpoint in list(registry) if restart_all else change.added:
+        monitors.start(endpoint, config, proxy.upstream)
+    _requeue(app[QUEUE], registry, [e for e in change.removed if e.name in names["removed"]])
+    loaded.swap(config)
+    log.info("config reloaded", extra={"source": config.source, "sha256": config.sha256, **names})
+    if restart:
+        log.warning("config keys changed that take effect only after a restart", extra={"keys": restart})
+
+
+def _requeue(queue: SlotQueue, registry: Registry, gone: list[Endpoint]) -> None:
+    """Requests waiting for a slot follow the endpoints now registered under their pool's names."""
+    for endpoint in gone:
+        queue.wake(endpoint)  # with the pools as they were: a wait for a model nothing serves now ends at once
+    for names, waitlist in queue.waitlists.items():
+        waitlist.pool = Pool(waitlist.pool.model, tuple(e for e in registry if e.name in names))
+    for endpoint in registry:
+        if endpoint.routable:  # not every pool: one of endpoints not probed yet would turn its waiters away
+            queue.wake(endpoint)
+
+
+def _readmit(gate: Admission, old: ServerConfig, new: ServerConfig, metrics: Metrics) -> None:
+    changed = [section for section in ADMISSION_PARTS if getattr(old, section) != getattr(new, section)]
+    if not changed:
+        return  # rate-limit buckets carry on
+    fresh = Admission(new, metrics, gate.open_paths, gate.status_paths, gate.clock, gate.wall)
+    for section in changed:
+        for part in ADMISSION_PARTS[section]:
+            setattr(gate, part, getattr(fresh, part))

@@ -3,6 +3,7 @@
 serve: load config → start (the demo's emulated fleet, then the router behind
 its listener, olla/listener.py) → wait for SIGTERM/SIGINT → drain in-flight
 requests up to `shutdown_timeout` → exit 0. A second signal exits at once.
+SIGHUP meanwhile reloads the config file (`olla.app.reload`); the demo has none.
 """
 
 from __future__ import annotations
@@ -63,14 +64,16 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The config file's path and its config."""
     from olla.config import find_config_path, load_config
 
-    return load_config(find_config_path(args.config, os.environ, Path.cwd()))
+    path = find_config_path(args.config, os.environ, Path.cwd())
+    return path, load_config(path)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config = _load(args)
+        _, config = _load(args)
     except ConfigError as exc:
         print(f"invalid configuration ({len(exc.problems)} problem(s)):", file=sys.stderr)
         for problem in exc.problems:
@@ -82,10 +85,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = None
+    config, path = None, None
     if not args.demo:
         try:
-            config = _load(args)
+            path, config = _load(args)
         except ConfigError as exc:
             print("invalid configuration:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
             return 1
@@ -93,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         setup_logging(config.logging.level, config.logging.format)
     else:
         setup_logging("info", "text")
-    main = serve(config) if config is not None else serve_demo(args.host, args.port)
+    main = serve(config, path) if config is not None else serve_demo(args.host, args.port)
     try:
         import uvloop
     except ImportError:
@@ -111,8 +114,9 @@ async def serve_demo(host: str, port: int) -> int:
         await fleet.__aexit__(None, None, None)
 
 
-async def serve(config) -> int:  # type: ignore[no-untyped-def]
-    from olla.app import TRAFFIC, create_app
+async def serve(config, path: Path | None = None) -> int:  # type: ignore[no-untyped-def]
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads `path` (None: there is no file to reload)."""
+    from olla.app import CONFIG, TRAFFIC, create_app
     from olla.listener import Listener
 
     host, port = config.server.host, config.server.port
@@ -127,27 +131,45 @@ async def serve(config) -> int:  # type: ignore[no-untyped-def]
                                  "endpoints": len(config.discovery.endpoints)})  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloading: set[asyncio.Task[None]] = set()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
             os._exit(128 + signum)
         log.info("draining", extra={"signal": signal.Signals(signum).name,
-                                    "timeout": config.server.shutdown_timeout})  # fmt: skip
+                                    "timeout": app[CONFIG].config.server.shutdown_timeout})  # fmt: skip
         stop.set()
+
+    def on_reload() -> None:
+        if path is None:
+            log.warning("reload unavailable: there is no config file (--demo)")
+            return
+        task = asyncio.create_task(_reload(app, path))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     await stop.wait()
     traffic = app[TRAFFIC]
     traffic.draining = True  # new requests now get 503 shutting_down
     try:
-        async with asyncio.timeout(config.server.shutdown_timeout):
+        async with asyncio.timeout(app[CONFIG].config.server.shutdown_timeout):
             await traffic.idle()
     except TimeoutError:
         log.warning("drain timed out", extra={"in_flight": traffic.in_flight})
     await listener.stop()
     log.info("stopped")
     return 0
+
+
+async def _reload(app, path: Path) -> None:  # type: ignore[no-untyped-def]
+    from olla.app import CONFIG, reload
+
+    before = app[CONFIG].config.logging
+    if await reload(app, path) and (after := app[CONFIG].config.logging) != before:
+        setup_logging(after.level, after.format)
 
 
 def build_parser() -> argparse.ArgumentParser:

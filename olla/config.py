@@ -13,8 +13,10 @@ Profiles are read here too (they are YAML) and validated by the pure
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -148,6 +150,7 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
     profiles: Mapping[str, Profile] = field(default_factory=default_profiles, hash=False)
     source: str = "<defaults>"
+    sha256: str | None = None  # of the file's bytes, when the config was loaded from one
 
 
 # ---- lookup and loading -------------------------------------------------------------------
@@ -180,10 +183,12 @@ def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: str | Pa
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     problems: list[str] = []
-    data = _read_yaml(Path(path), problems)
-    if problems:
+    content = _read_bytes(Path(path), problems)
+    data = _parse_yaml(Path(path), content, problems) if content is not None else None
+    if problems or content is None:
         raise ConfigError(problems)
-    return parse_config(data, str(path), env, base_dir=Path(path).parent)
+    config = parse_config(data, str(path), env, base_dir=Path(path).parent)
+    return dataclasses.replace(config, sha256=hashlib.sha256(content).hexdigest())
 
 
 def load_profiles(directory: str | Path) -> dict[str, Profile]:
@@ -246,11 +251,21 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def _read_yaml(path: Path, problems: list[str]) -> Any:
+    content = _read_bytes(path, problems)
+    return _parse_yaml(path, content, problems) if content is not None else None
+
+
+def _read_bytes(path: Path, problems: list[str]) -> bytes | None:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return path.read_bytes()
     except OSError as exc:
         problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+        return None
+
+
+def _parse_yaml(path: Path, content: bytes, problems: list[str]) -> Any:
+    try:
+        return yaml.load(content.decode("utf-8-sig"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         problems.append(f"{path}: not UTF-8 text: byte {exc.start}")
     except yaml.MarkedYAMLError as exc:

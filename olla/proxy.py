@@ -25,12 +25,12 @@ from aiohttp import web
 
 from olla import requestcheck
 from olla.affinity import AffinityMap, Keys, keys_for
-from olla.balancer import Balancer
-from olla.config import Config
+from olla.balancer import BALANCERS, Balancer
+from olla.config import Config, ProxyConfig
 from olla.endpoint import Endpoint, Outcome
 from olla.errors import (
-    BodyTooLarge, InvalidRequest, MethodNotAllowed, NoHealthyEndpoint, RouteNotFound, UpstreamBroken,
-    UpstreamError, UpstreamRejected, UpstreamTimeout,
+    BodyTooLarge, InvalidRequest, MethodNotAllowed, NoHealthyEndpoint, RequestFailed, RouteNotFound, UpstreamBroken,
+    UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnreachable,
 )  # fmt: skip
 from olla.exchange import EXCHANGE, VIA, Exchange
 from olla.metrics import Metrics
@@ -60,19 +60,31 @@ class Plan:
 
 class Proxy:
     def __init__(
-        self, config: Config, registry: Registry, upstream: Upstream, balancer: Balancer, metrics: Metrics,
-        queue: SlotQueue, affinity: AffinityMap | None,
+        self, config: Config, registry: Registry, upstream: Upstream, metrics: Metrics, queue: SlotQueue
     ) -> None:  # fmt: skip
         self.config = config
         self.registry = registry
         self.upstream = upstream
-        self.balancer = balancer
         self.metrics = metrics
         self.queue = queue
-        self.affinity = affinity
-        self.header_timeout = config.proxy.header_timeout
-        retry = config.proxy.retry
-        self.max_attempts = (retry.max_attempts or len(registry) or 1) if retry.enabled else 1
+        self.affinity = _affinity_map(config.proxy)
+
+    @property
+    def balancer(self) -> Balancer:
+        return self.queue.balancer  # one balancer for queued and direct picks
+
+    def configure(self, config: Config) -> None:
+        """Follow a reloaded config: requests that start from now on use its `proxy` and `server` settings."""
+        old, new = self.config.proxy, config.proxy
+        self.config = config
+        if new == old:
+            return
+        self.upstream = Upstream(self.upstream.session, new)
+        if new.load_balancer != old.load_balancer:
+            self.queue.balancer = BALANCERS[new.load_balancer]()
+        if (new.affinity, new.load_balancer) != (old.affinity, old.load_balancer):
+            self.affinity = _affinity_map(new)
+        self.queue.max_size, self.queue.timeout = new.queue.max_size, new.queue.timeout
 
     async def handle(self, request: web.Request, profile: Profile) -> web.StreamResponse:
         exchange = request[EXCHANGE]
@@ -152,17 +164,20 @@ class Proxy:
         return self.balancer.pick(tiers, None, need_slot=False)
 
     async def _attempts(self, request: web.Request, exchange: Exchange, plan: Plan) -> web.StreamResponse:
-        deadline = exchange.started + self.config.proxy.response_timeout
+        settings = self.config.proxy
+        deadline = exchange.started + settings.response_timeout
+        max_attempts = (settings.retry.max_attempts or len(self.registry) or 1) if settings.retry.enabled else 1
         tried: list[Endpoint] = []
         failures: list[UpstreamError] = []
-        while len(tried) < self.max_attempts and (endpoint := await self._choose(plan, tried)) is not None:
+        while len(tried) < max_attempts and (endpoint := await self._choose(plan, tried)) is not None:
             tried.append(endpoint)
             exchange.attempts += 1
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
             headers.popall("Content-Encoding", None)  # aiohttp decompressed the body; the bytes go out as read
             self._enter(endpoint)
-            # A request that takes no slot cannot be waiting for a generation: silence means a stuck endpoint.
-            headers_by = deadline if plan.route.takes_slot else min(deadline, time.monotonic() + self.header_timeout)
+            headers_by = deadline
+            if not plan.route.takes_slot:  # it cannot be waiting for a generation: silence means a stuck endpoint
+                headers_by = min(deadline, time.monotonic() + settings.header_timeout)
             try:
                 upstream = await self.upstream.send(
                     endpoint, request.method, plan.path_qs, headers, plan.body, headers_by, plan.streaming
@@ -186,7 +201,7 @@ class Proxy:
         if not failures:
             raise NoHealthyEndpoint(plan.pool.unavailable_reason())
         exchange.routing["Reason"] = "all_attempts_failed"
-        raise _summary(failures)
+        raise _summary(failures, plan.pool)
 
     def _enter(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1
@@ -264,12 +279,27 @@ def olla_headers(exchange: Exchange, profile: Profile, endpoint: Endpoint, pool:
     return headers
 
 
-def _summary(failures: list[UpstreamError]) -> UpstreamError:
-    """One error for a request whose every attempt failed; its status is the last attempt's."""
+def _affinity_map(settings: ProxyConfig) -> AffinityMap | None:
+    affinity = settings.affinity
+    if affinity.enabled and settings.load_balancer == "slot-aware":  # affinity is part of slot-aware routing
+        return AffinityMap(affinity.max_entries, affinity.ttl)
+    return None
+
+
+def _summary(failures: list[UpstreamError], pool: Pool) -> RequestFailed:
+    """One error for a request whose every attempt failed.
+
+    When every attempt found its endpoint down (unreachable, or answering 502/503/504)
+    and the pool has no healthy member left, the model is unavailable: 503 with
+    Retry-After, as the next request would get at once. Otherwise the last attempt's status.
+    """
+    tried = "; ".join(f.message for f in failures)
+    if not pool.tiers() and all(isinstance(f, (UpstreamUnreachable, UpstreamRejected)) for f in failures):
+        return NoHealthyEndpoint(f"{pool.unavailable_reason()}; every attempt failed: {tried}")
     last = failures[-1]
     if len(failures) == 1:
         return last
-    summary = type(last)(f"all {len(failures)} attempts failed: " + "; ".join(f.message for f in failures))
+    summary = type(last)(f"all {len(failures)} attempts failed: {tried}")
     if isinstance(last, UpstreamRejected):
         summary = UpstreamRejected(summary.message, last.status, last.upstream_body, last.upstream_headers)
     return summary

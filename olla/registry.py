@@ -4,6 +4,14 @@ A model resolves through, in order: an endpoint's id or alias from /v1/models,
 the file name of a path id (`x.gguf` matches `/models/x.gguf`), and the
 configured `model_aliases`. The pool is every endpoint serving the model; its
 tiers are its routable members grouped by priority, best first.
+
+A reload hands the registry a new endpoint list (`replace`), matched by name. An
+endpoint that is still the same server keeps its object, and so its health,
+slots and discovery; any other key (priority, check_interval, check_timeout,
+slots) takes effect at once. One whose url, type, model_url, health_check_url or
+headers changed is another server, or the same one seen differently: it starts
+afresh as a new object. A removed or replaced endpoint leaves every pool at once;
+requests in flight on it finish, since they hold its object.
 """
 
 from __future__ import annotations
@@ -38,19 +46,44 @@ class Pool:
         return f"no healthy endpoint serves model {self.model!r} ({states})"
 
 
+# What makes an endpoint the same server across a reload; any other key may change under it.
+IDENTITY = ("url", "type", "model_url", "health_check_url", "headers")
+REMOVED = "removed from the config by a reload"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a reload did to the endpoints; a replaced endpoint is both removed (old object) and added (new one)."""
+
+    added: tuple[Endpoint, ...] = ()
+    removed: tuple[Endpoint, ...] = ()
+    updated: tuple[str, ...] = ()  # kept their state, took new settings
+
+    def names(self) -> dict[str, list[str]]:
+        """Endpoint names by what happened to them: added, removed, replaced, updated."""
+        replaced = {e.name for e in self.removed} & {e.name for e in self.added}
+        return {"added": sorted(e.name for e in self.added if e.name not in replaced),
+                "removed": sorted(e.name for e in self.removed if e.name not in replaced),
+                "replaced": sorted(replaced), "updated": list(self.updated)}  # fmt: skip
+
+
 class Registry:
     def __init__(
         self, endpoints: Sequence[EndpointConfig], aliases: Mapping[str, Sequence[str]] = {},
         default_slots: Mapping[str, int] = {},
     ) -> None:  # fmt: skip
-        self.endpoints: dict[str, Endpoint] = {c.name: Endpoint(c) for c in endpoints}
-        for endpoint in self.endpoints.values():
-            endpoint.slots.configured = endpoint.config.slots
-            endpoint.slots.default = default_slots.get(endpoint.config.type, endpoint.slots.default)
+        self.default_slots = dict(default_slots)
+        self.endpoints: dict[str, Endpoint] = {c.name: self._new(c) for c in endpoints}
         self.aliases = {alias: tuple(ids) for alias, ids in aliases.items()}
-        self._discover = {name: asyncio.Event() for name in self.endpoints}
+        self._discover = {endpoint: asyncio.Event() for endpoint in self.endpoints.values()}
         self.changed = asyncio.Event()  # set on any health change; waited on by tests and status
         self.listeners: list[Callable[[Endpoint], None]] = []  # told when an endpoint's capacity may have changed
+
+    def _new(self, config: EndpointConfig) -> Endpoint:
+        endpoint = Endpoint(config)
+        endpoint.slots.configured = config.slots
+        endpoint.slots.default = self.default_slots.get(config.type, endpoint.slots.default)
+        return endpoint
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.endpoints.values())
@@ -85,13 +118,44 @@ class Registry:
 
     def discovery_event(self, endpoint: Endpoint) -> asyncio.Event:
         """Set when the endpoint should be (re)discovered: first health and every recovery."""
-        return self._discover[endpoint.name]
+        return self._discover[endpoint]
+
+    def replace(self, endpoints: Sequence[EndpointConfig], aliases: Mapping[str, Sequence[str]]) -> Change:
+        """Take a reloaded endpoint list and aliases (see the module docstring for what keeps its state)."""
+        before = self.endpoints
+        after: dict[str, Endpoint] = {}
+        added: list[Endpoint] = []
+        updated: list[str] = []
+        for config in endpoints:
+            endpoint = before.get(config.name)
+            if endpoint is not None and _same_server(endpoint.config, config):
+                if endpoint.config != config:
+                    endpoint.config = config
+                    endpoint.slots.configured = config.slots
+                    updated.append(config.name)
+            else:
+                endpoint = self._new(config)
+                self._discover[endpoint] = asyncio.Event()
+                added.append(endpoint)
+            after[config.name] = endpoint
+        kept = set(after.values())
+        removed = [e for e in before.values() if e not in kept]
+        for endpoint in removed:
+            del self._discover[endpoint]
+            endpoint.health, endpoint.detail = Health.OFFLINE, REMOVED  # held only by requests in flight now
+        self.endpoints = after
+        self.aliases = {alias: tuple(ids) for alias, ids in aliases.items()}
+        self._signal_changed()  # listeners are not told: pools held elsewhere must first follow the new endpoints
+        return Change(tuple(added), tuple(removed), tuple(updated))
 
     def _signal_change(self, endpoint: Endpoint) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._signal_changed()
         for listener in self.listeners:
             listener(endpoint)
+
+    def _signal_changed(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     # --- reading --------------------------------------------------------------------
 
@@ -140,3 +204,7 @@ class Registry:
         for endpoint in self:
             counts[endpoint.health.value] += 1
         return counts
+
+
+def _same_server(old: EndpointConfig, new: EndpointConfig) -> bool:
+    return all(getattr(old, key) == getattr(new, key) for key in IDENTITY)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -10,6 +12,7 @@ import orjson
 from aiohttp import web
 
 from olla import __version__
+from olla.config import Config
 from olla.endpoint import Endpoint
 from olla.metrics import CONTENT_TYPE, Metrics
 from olla.registry import Registry
@@ -32,11 +35,39 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+@dataclass
+class LoadedConfig:
+    """The config in effect, when it was loaded, and how reloads went; a reload swaps `config`."""
+
+    config: Config
+    loaded_at: float = field(default_factory=time.time)
+    reloads: int = 0
+    last_reload_error: str | None = None  # while the latest reload was refused
+
+    def swap(self, config: Config) -> None:
+        self.config, self.loaded_at = config, time.time()
+        self.reloads += 1
+        self.last_reload_error = None
+
+    def refused(self, problems: list[str]) -> None:
+        self.last_reload_error = "; ".join(problems)
+
+    def view(self) -> dict[str, Any]:
+        view = {"source": self.config.source, "sha256": self.config.sha256, "reloads": self.reloads,
+                "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat(timespec="milliseconds")}  # fmt: skip
+        if self.last_reload_error is not None:
+            view["last_reload_error"] = self.last_reload_error
+        return view
+
+
 class Status:
-    def __init__(self, registry: Registry, metrics: Metrics, queue: SlotQueue, backend_type: str = "llamacpp") -> None:
+    def __init__(
+        self, registry: Registry, metrics: Metrics, queue: SlotQueue, loaded: LoadedConfig, backend_type: str = "llamacpp"
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.queue = queue
+        self.loaded = loaded
         self.backend_type = backend_type
         self.started = time.time()
         self.started_monotonic = time.monotonic()
@@ -120,6 +151,7 @@ class Status:
             "in_flight": sum(e.in_flight for e in endpoints),
             "requests": sum(e.requests for e in endpoints),
             "errors": sum(e.errors for e in endpoints),
+            "config": self.loaded.view(),
         })  # fmt: skip
 
     async def endpoints(self, request: web.Request) -> web.Response:

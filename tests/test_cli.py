@@ -87,6 +87,7 @@ def test_demo_routes_a_chat_and_drains_on_sigterm() -> None:
         assert body["choices"][0]["message"]["role"] == "assistant"
         models = _get(base + "/olla/llamacpp/v1/models")[2]
         assert {"llama-3.2-1b-instruct", "qwen2.5-coder-1.5b"} <= {m["id"] for m in models["data"]}
+        proc.send_signal(signal.SIGHUP)  # the demo has no file to reload: it says so and keeps serving
 
         # SIGTERM while a generation is in flight: it still finishes, then the process exits 0.
         slow = {**chat, "max_tokens": 60}  # about 0.7 s at the demo's 12 ms per token
@@ -105,7 +106,7 @@ def test_demo_routes_a_chat_and_drains_on_sigterm() -> None:
             proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0, output
-    assert "draining" in output and "stopped" in output
+    assert "draining" in output and "stopped" in output and "reload unavailable" in output
 
 
 def test_json_log_lines_carry_the_extra_fields() -> None:

@@ -103,7 +103,9 @@ async def test_breaker_ejection_ends_with_the_next_good_probe(start_sims, make_r
     registry = client.app[REGISTRY]
     a.set_fault("status", status=503)
     r = await post(client, chat())
-    assert r.status == 503 and (await r.json())["error"]["code"] == "upstream_error"
+    error = (await r.json())["error"]
+    assert r.status == 503 and error["code"] == "no_healthy_endpoint" and r.headers["Retry-After"]
+    assert "endpoint a answered 503" in error["message"]
     assert not registry.endpoints["a"].routable
     r = await post(client, chat())
     assert r.status == 503 and (await r.json())["error"]["code"] == "no_healthy_endpoint"
@@ -124,18 +126,36 @@ async def test_a_loading_endpoint_is_not_routed_until_it_has_loaded(start_sims, 
     assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "loading"
 
 
-async def test_every_endpoint_down_answers_503_at_once(start_sims, make_router) -> None:
+@pytest.mark.parametrize("fault", ["crash", "refuse"])
+async def test_every_endpoint_down_answers_503_at_once(start_sims, make_router, fault) -> None:
     a, b = await start_sims(fast(), fast())
     client = await make_router([ep("a", a), ep("b", b)])
-    a.set_fault("crash")
-    b.set_fault("crash")
+    a.set_fault(fault)
+    b.set_fault(fault)
     started = time.monotonic()
-    r = await post(client, chat())
+    # The first request finds out by trying each endpoint; the next one is told at once.
+    first, second = [await post(client, chat()) for _ in range(2)]
+    elapsed = time.monotonic() - started
+    for r in (first, second):
+        error = (await r.json())["error"]
+        assert r.status == 503 and error["code"] == "no_healthy_endpoint" and r.headers["Retry-After"] == "5"
+        assert "a=offline" in error["message"] and "b=offline" in error["message"]
+    tried = (await first.json())["error"]["message"]
+    assert "every attempt failed: endpoint a" in tried and "; endpoint b" in tried
+    assert first.headers["X-Olla-Routing-Reason"] == "all_attempts_failed"
+    assert elapsed < 0.5, elapsed
+
+
+async def test_an_attempt_limit_that_leaves_a_healthy_endpoint_keeps_the_attempts_own_error(
+    start_sims, make_router
+) -> None:
+    a, b = await start_sims(fast(), fast())
+    client = await make_router([ep("a", a), ep("b", b)], proxy={"load_balancer": "round-robin",
+                                                                "retry": {"enabled": False}})  # fmt: skip
+    a.set_fault("refuse")
+    r = await post(client, chat())  # round-robin tries a first; the one attempt allowed leaves b healthy
     assert r.status == 502 and (await r.json())["error"]["code"] == "backend_unreachable"
-    assert "all 2 attempts failed" in (await r.json())["error"]["message"]
-    r = await post(client, chat())
-    assert r.status == 503 and r.headers["Retry-After"]
-    assert time.monotonic() - started < 2.0
+    assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "b"
 
 
 async def test_a_stream_cut_midway_ends_with_an_sse_error_event(start_sims, make_router) -> None:
