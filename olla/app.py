@@ -85,7 +85,8 @@ def create_app(config: Config) -> web.Application:
     registry = Registry(config.discovery.endpoints, config.model_aliases, default_slots)
     metrics.declare(e.name for e in registry)
     balancer = BALANCERS[config.proxy.load_balancer]()
-    queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics)
+    queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics,
+                      config.proxy.affinity.hold)  # fmt: skip
     registry.listeners.append(queue.wake)
     loaded = LoadedConfig(config)
     status = Status(registry, metrics, queue, loaded)

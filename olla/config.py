@@ -89,6 +89,7 @@ class AffinityConfig:
     enabled: bool = True
     max_entries: int = 10_000
     ttl: float = 600.0  # idle time after which a conversation is forgotten
+    hold: float = 0.1  # a finished turn's slot stays claimed this long for the conversation's next turn
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ def _proxy(r: Checks, value: Any) -> ProxyConfig:
     expected = f"{DURATION_EXPECTED}, above zero"
     retry = r.mapping(m.get("retry"), "proxy.retry", ("enabled", "max_attempts"))
     queue = r.mapping(m.get("queue"), "proxy.queue", ("max_size", "timeout"))
-    affinity = r.mapping(m.get("affinity"), "proxy.affinity", ("enabled", "max_entries", "ttl"))
+    affinity = r.mapping(m.get("affinity"), "proxy.affinity", ("enabled", "max_entries", "ttl", "hold"))
     q, a = QueueConfig(), AffinityConfig()
     return ProxyConfig(
         load_balancer=r.get(
@@ -397,6 +398,7 @@ def _proxy(r: Checks, value: Any) -> ProxyConfig:
             enabled=r.get(affinity, "enabled", "proxy.affinity", a.enabled, boolean, "true or false"),
             max_entries=r.get(affinity, "max_entries", "proxy.affinity", a.max_entries, integer(1), "an integer >= 1"),
             ttl=r.get(affinity, "ttl", "proxy.affinity", a.ttl, timeout, expected),
+            hold=r.get(affinity, "hold", "proxy.affinity", a.hold, duration(0), f"{DURATION_EXPECTED} (0: off)"),
         ),
     )  # fmt: skip
 

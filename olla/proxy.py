@@ -56,6 +56,7 @@ class Plan:
     streaming: bool
     keys: Keys | None = None
     preferred: Endpoint | None = None
+    held_for: bytes | None = None  # the conversation key the slot is kept for once the attempt ends
 
 
 class Proxy:
@@ -85,6 +86,7 @@ class Proxy:
         if (new.affinity, new.load_balancer) != (old.affinity, old.load_balancer):
             self.affinity = _affinity_map(new)
         self.queue.max_size, self.queue.timeout = new.queue.max_size, new.queue.timeout
+        self.queue.hold = new.affinity.hold
 
     async def handle(self, request: web.Request, profile: Profile) -> web.StreamResponse:
         exchange = request[EXCHANGE]
@@ -160,7 +162,7 @@ class Proxy:
         if not tiers:
             return None
         if plan.route.takes_slot:
-            return await self.queue.acquire(plan.pool, tried, plan.preferred)
+            return await self.queue.acquire(plan.pool, tried, plan.preferred, plan.keys)
         return self.balancer.pick(tiers, None, need_slot=False)
 
     async def _attempts(self, request: web.Request, exchange: Exchange, plan: Plan) -> web.StreamResponse:
@@ -212,7 +214,8 @@ class Proxy:
         endpoint.in_flight -= 1
         self.metrics.in_flight.labels(endpoint.name).dec()
         if plan.route.takes_slot:
-            self.queue.release(endpoint)
+            self.queue.release(endpoint, plan.held_for)
+            plan.held_for = None
 
     async def _relay(
         self, request: web.Request, exchange: Exchange, plan: Plan, endpoint: Endpoint,
@@ -233,6 +236,7 @@ class Proxy:
             response.headers["X-Olla-Affinity"] = _affinity(plan.preferred, endpoint)
             if plan.keys is not None and upstream.status < 400:
                 self.affinity.remember(plan.keys, endpoint.name, now)
+                plan.held_for = plan.keys.record  # the slot now holds this conversation: keep it for its next turn
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         exchange.status = upstream.status
         await response.prepare(request)

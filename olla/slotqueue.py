@@ -12,6 +12,11 @@ ahead of earlier waiters, which would have to move their conversation there and
 re-process it. The exception is bounded: a waiter passed over `MAX_OVERTAKEN`
 times is served before anyone else.
 
+A conversation's turn also keeps its slot for `hold` seconds after it ends
+(`release` with its affinity key): the next turn, looking that key up, takes the
+slot at once. Without it a waiting request would take the freed slot, and
+llama-server would overwrite the conversation's cached prompt with its own.
+
 A full queue, or a wait beyond the timeout, answers 503 `slots_exhausted` with
 Retry-After. A client that leaves while waiting is simply dropped.
 """
@@ -24,6 +29,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from olla.affinity import Keys
 from olla.balancer import Balancer
 from olla.endpoint import Endpoint
 from olla.errors import NoHealthyEndpoint, SlotsExhausted
@@ -52,15 +58,23 @@ class Waitlist:
 
 
 class SlotQueue:
-    def __init__(self, balancer: Balancer, max_size: int, timeout: float, metrics: Metrics) -> None:
+    def __init__(self, balancer: Balancer, max_size: int, timeout: float, metrics: Metrics, hold: float = 0.0) -> None:
         self.balancer = balancer
         self.max_size = max_size
         self.timeout = timeout
         self.metrics = metrics
+        self.hold = hold
         self.waitlists: dict[frozenset[str], Waitlist] = {}
+        self.holds: dict[bytes, tuple[Endpoint, asyncio.TimerHandle]] = {}  # conversation key: its held slot
+        self.holds_taken = self.holds_expired = 0
 
-    async def acquire(self, pool: Pool, exclude: Sequence[Endpoint] = (), preferred: Endpoint | None = None) -> Endpoint:
+    async def acquire(
+        self, pool: Pool, exclude: Sequence[Endpoint] = (), preferred: Endpoint | None = None, keys: Keys | None = None
+    ) -> Endpoint:  # fmt: skip
         """An endpoint of the pool with a slot claimed for this request; may wait for one."""
+        held = self._take_hold(keys, pool, exclude) if keys is not None and self.holds else None
+        if held is not None:
+            return held
         tiers = pool.tiers(exclude)
         if not tiers:
             raise NoHealthyEndpoint(pool.unavailable_reason())
@@ -92,9 +106,36 @@ class SlotQueue:
             if taken is None and future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result())  # handed a slot in the instant it timed out or its client left
 
-    def release(self, endpoint: Endpoint) -> None:
-        endpoint.slots.release()
-        self.wake(endpoint)
+    def release(self, endpoint: Endpoint, hold_for: bytes | None = None) -> None:
+        """Give the slot back, or with a conversation key keep it `hold` seconds for that conversation."""
+        if hold_for is None or self.hold <= 0 or not endpoint.routable:
+            endpoint.slots.release()
+            self.wake(endpoint)
+            return
+        self._end_hold(hold_for)  # the same conversation twice at once: the older slot goes back
+        handle = asyncio.get_running_loop().call_later(self.hold, self._end_hold, hold_for, True)
+        self.holds[hold_for] = (endpoint, handle)
+
+    def _take_hold(self, keys: Keys, pool: Pool, exclude: Sequence[Endpoint]) -> Endpoint | None:
+        for key in keys.lookup:
+            if key not in self.holds:
+                continue
+            endpoint, handle = self.holds[key]
+            if endpoint in pool.members and endpoint.routable and endpoint not in exclude:
+                handle.cancel()
+                del self.holds[key]
+                self.holds_taken += 1
+                return endpoint
+            self._end_hold(key)
+        return None
+
+    def _end_hold(self, key: bytes, expired: bool = False) -> None:
+        hold = self.holds.pop(key, None)
+        if hold is not None:
+            endpoint, handle = hold
+            handle.cancel()
+            self.holds_expired += expired
+            self.release(endpoint)
 
     def wake(self, endpoint: Endpoint | None = None) -> None:
         """Capacity may have appeared (on `endpoint`, or anywhere): serve waiters in arrival order."""

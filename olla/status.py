@@ -151,6 +151,8 @@ class Status:
             "in_flight": sum(e.in_flight for e in endpoints),
             "requests": sum(e.requests for e in endpoints),
             "errors": sum(e.errors for e in endpoints),
+            "held_slots": {"now": len(self.queue.holds), "taken": self.queue.holds_taken,
+                           "expired": self.queue.holds_expired},
             "config": self.loaded.view(),
         })  # fmt: skip
 

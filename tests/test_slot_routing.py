@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from olla.app import PROXY, QUEUE, REGISTRY
@@ -102,8 +103,8 @@ async def test_a_client_that_leaves_while_queued_is_dropped_from_the_queue(start
     leaver.cancel()
     await until(lambda: sum(len(w.waiters) for w in waitlists.values()) == 0, 1.0)
     assert (await busy).status == 200
-    await asyncio.sleep(0.05)
-    assert sim.busy_slots == 0 and client.app[REGISTRY].endpoints["only"].slots.own == 0
+    await until(lambda: client.app[REGISTRY].endpoints["only"].slots.own == 0, 1.0)  # once its hold is over
+    assert sim.busy_slots == 0
     models = await (await client.get("/internal/status/models")).json()
     assert models["models"][0]["queue"]["length"] == 0
 
@@ -150,6 +151,27 @@ async def test_a_full_home_loses_the_conversation_to_free_slots(start_sims, make
     r, _ = await converse(client, history, "Still there?")
     assert r.headers["X-Olla-Affinity"] == "moved" and r.headers["X-Olla-Endpoint"] != home
     assert (await blocker).headers["X-Olla-Affinity"] == "hit"
+
+
+@pytest.mark.parametrize("hold", ["500ms", "0s"])
+async def test_the_next_turn_gets_its_conversations_slot_before_the_queue(start_sims, make_router, hold) -> None:
+    (sim,) = await start_sims(fast(slots=1, decode_ms=10.0))
+    client = await make_router([ep("only", sim)], proxy={"affinity": {"hold": hold}})
+    mine: list[dict[str, str]] = []
+    first = asyncio.create_task(converse(client, mine, "Tell me a story about slots. " * 10))
+    await until(lambda: sim.busy_slots == 1, 1.0)
+    other = asyncio.create_task(post(client, turn([], "Something else entirely, at length. " * 10)))
+    await until(lambda: sum(len(w.waiters) for w in client.app[QUEUE].waitlists.values()) == 1, 1.0)
+    _, body = await first
+    cached_before = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] - 1
+    r, body = await converse(client, mine, "Go on.")  # sent as soon as the first turn ended
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+    await other
+    if hold == "0s":  # the waiting request took the slot: the first turn's 290-character message is processed again
+        assert cached_before - cached > 200
+    else:
+        assert r.headers["X-Olla-Affinity"] == "hit" and cached >= cached_before
+        assert client.app[QUEUE].holds_taken == 1
 
 
 async def test_slots_busy_with_other_clients_are_seen_through_slots(start_sims, make_router, sim_session) -> None:
