@@ -5,7 +5,9 @@ problem is collected (`olla.checks`), then one `ConfigError` lists them all, eac
 `<file>: <key.path[index]>: <problem>: got <value>; expected <what>`.
 Header values and API keys are secrets and are never echoed. What a single value may
 look like (durations, sizes, `${VAR}`, URLs) is `olla.values`; this module knows the keys,
-except those of `server.auth`, `server.rate_limits` and `server.cors` (`olla.admission_config`).
+except those of `server.auth`, `server.rate_limits` and `server.cors` (`olla.admission_config`),
+`proxy` (`olla.proxy_config`) and `discovery` (`olla.discovery_config`); their dataclasses
+are re-exported here, so callers import every config class from this module.
 
 Profiles are read here too (they are YAML) and validated by the pure
 `olla.profiles.parse_profile`, because endpoint `type` must name a loaded profile.
@@ -14,7 +16,6 @@ Profiles are read here too (they are YAML) and validated by the pure
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import os
@@ -26,39 +27,77 @@ from typing import Any
 
 import yaml
 
-from olla.admission_config import AuthConfig, CorsConfig, RateLimitConfig, parse_auth, parse_cors, parse_rate_limits
+from olla.admission_config import (
+    AuthConfig,
+    CorsConfig,
+    RateLimitConfig,
+    parse_auth,
+    parse_cors,
+    parse_rate_limits,
+)
 from olla.checks import Bad, Checks, NotExpanded, key_path
+from olla.discovery_config import (
+    MANAGED_HEADERS,
+    DiscoveryConfig,
+    EndpointConfig,
+    parse_discovery,
+)
 from olla.errors import ConfigError
-from olla.profiles import HEADER_NAME_PATTERN, Profile, parse_profile, prefix_conflicts
+from olla.profiles import Profile, parse_profile, prefix_conflicts
+from olla.proxy_config import (
+    BALANCERS,
+    AffinityConfig,
+    ProxyConfig,
+    QueueConfig,
+    RetryConfig,
+    parse_proxy,
+)
 from olla.values import (
     DURATION_EXPECTED,
     SIZE_EXPECTED,
     UnsetVariable,
-    base_url,
-    boolean,
     choice,
     duration,
-    header_value,
+    expand_env,
     integer,
+    join_url,
+    parse_duration,
+    parse_size,
     size,
-    target_url,
     text,
-    url_key,
     without_password,
 )
 
-# Re-exported: callers import the value grammar from olla.config too.
-from olla.values import expand_env as expand_env
-from olla.values import join_url as join_url
-from olla.values import parse_duration as parse_duration
-from olla.values import parse_size as parse_size
+# Re-exported ones too: callers import the value grammar and every section's dataclasses from here.
+__all__ = [
+    "BALANCERS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "MANAGED_HEADERS",
+    "SHIPPED_PROFILES_DIR",
+    "AffinityConfig",
+    "Config",
+    "DiscoveryConfig",
+    "EndpointConfig",
+    "LoggingConfig",
+    "ProxyConfig",
+    "QueueConfig",
+    "RetryConfig",
+    "ServerConfig",
+    "default_profiles",
+    "expand_env",
+    "find_config_path",
+    "join_url",
+    "load_config",
+    "load_profiles",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
 
 SHIPPED_PROFILES_DIR = Path(__file__).parent / "profiles"
-BALANCERS = ("slot-aware", "priority", "round-robin", "least-connections")  # names in olla.balancer.BALANCERS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
-# Set by olla or aiohttp per request; a configured value would break the exchange.
-MANAGED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"})
 
 
 @dataclass(frozen=True)
@@ -67,67 +106,10 @@ class ServerConfig:
     port: int = 40114
     max_body_size: int = 100 * 1024 * 1024
     shutdown_timeout: float = 10.0
-    auth: AuthConfig = AuthConfig()
-    rate_limits: RateLimitConfig = RateLimitConfig()
-    cors: CorsConfig = CorsConfig()
-
-
-@dataclass(frozen=True)
-class RetryConfig:
-    enabled: bool = True
-    max_attempts: int = 0  # 0: every candidate once
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    max_size: int = 256  # per model; 0: answer 503 at once when every slot is busy
-    timeout: float = 30.0
-
-
-@dataclass(frozen=True)
-class AffinityConfig:
-    enabled: bool = True
-    max_entries: int = 10_000
-    ttl: float = 600.0  # idle time after which a conversation is forgotten
-    hold: float = 0.1  # a finished turn's slot stays claimed this long for the conversation's next turn
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    load_balancer: str = "slot-aware"
-    connection_timeout: float = 10.0
-    response_timeout: float = 900.0
-    read_timeout: float = 600.0
-    retry: RetryConfig = RetryConfig()
-    queue: QueueConfig = QueueConfig()
-    affinity: AffinityConfig = AffinityConfig()
-    header_timeout: float = 10.0  # routes that take no slot: silence before headers means a stuck endpoint
-
-
-@dataclass(frozen=True)
-class EndpointConfig:
-    """After `load_config`, `model_url` and `health_check_url` are absolute URLs.
-
-    None (only in an EndpointConfig built in code) means the profile's path.
-    """
-
-    name: str
-    url: str
-    type: str = "llamacpp"
-    priority: int = 100
-    model_url: str | None = None
-    health_check_url: str | None = None
-    check_interval: float = 5.0
-    check_timeout: float = 2.0
-    slots: int | None = None  # used when the endpoint reports none (no /props, /slots off)
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False, repr=False)  # secrets
-
-
-@dataclass(frozen=True)
-class DiscoveryConfig:
-    endpoints: tuple[EndpointConfig, ...] = ()
-    model_discovery_interval: float = 300.0
-    slots_interval: float = 2.0  # /slots reconciliation; at least 1s
+    # Frozen, so one shared default instance is safe (here and in Config); RUF009 cannot see that.
+    auth: AuthConfig = AuthConfig()  # noqa: RUF009
+    rate_limits: RateLimitConfig = RateLimitConfig()  # noqa: RUF009
+    cors: CorsConfig = CorsConfig()  # noqa: RUF009
 
 
 @dataclass(frozen=True)
@@ -145,8 +127,8 @@ def default_profiles() -> Mapping[str, Profile]:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
-    proxy: ProxyConfig = ProxyConfig()
-    discovery: DiscoveryConfig = DiscoveryConfig()
+    proxy: ProxyConfig = ProxyConfig()  # noqa: RUF009
+    discovery: DiscoveryConfig = DiscoveryConfig()  # noqa: RUF009
     model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     logging: LoggingConfig = LoggingConfig()
     profiles: Mapping[str, Profile] = field(default_factory=default_profiles, hash=False)
@@ -166,8 +148,10 @@ def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: str | Pa
             if not path.is_file():
                 raise ConfigError(
                     [
-                        f"{named}: config file named by {origin} not found: got {str(path)!r}; "
-                        "expected an existing YAML file"
+                        (
+                            f"{named}: config file named by {origin} not found: got {str(path)!r}; "
+                            "expected an existing YAML file"
+                        )
                     ]
                 )
             return path
@@ -176,8 +160,10 @@ def find_config_path(cli_path: str | None, env: Mapping[str, str], cwd: str | Pa
         return default
     raise ConfigError(
         [
-            f"{default}: no config file: got no -c, no $OLLA_CONFIG and no {default.name}; "
-            "expected one of them to name a file"
+            (
+                f"{default}: no config file: got no -c, no $OLLA_CONFIG and no {default.name}; "
+                "expected one of them to name a file"
+            )
         ]
     )
 
@@ -299,9 +285,6 @@ def _expander(env: Mapping[str, str]) -> Callable[[str], str]:
 # ---- sections ----------------------------------------------------------------------------
 
 _TOP_KEYS = ("server", "proxy", "discovery", "model_aliases", "logging", "profiles_dir")
-_ENDPOINT_KEYS = tuple(
-    "url name type priority model_url health_check_url check_interval check_timeout slots headers".split()
-)
 
 
 def parse_config(
@@ -315,8 +298,8 @@ def parse_config(
     profiles, profiles_ok = _profiles(r, top, base)
     config = Config(
         server=_server(r, top.get("server"), env, base),
-        proxy=_proxy(r, top.get("proxy")),
-        discovery=_discovery(r, top.get("discovery"), profiles if profiles_ok else None),
+        proxy=parse_proxy(r, top.get("proxy")),
+        discovery=parse_discovery(r, top.get("discovery"), profiles if profiles_ok else None),
         model_aliases=_aliases(r, top.get("model_aliases"), "model_aliases"),
         logging=_logging(r, top.get("logging")),
         profiles=profiles,
@@ -364,167 +347,12 @@ def _server(r: Checks, value: Any, env: Mapping[str, str], base_dir: Path) -> Se
     )
 
 
-def _proxy(r: Checks, value: Any) -> ProxyConfig:
-    d = ProxyConfig()
-    keys = ("load_balancer", "connection_timeout", "response_timeout", "read_timeout", "header_timeout", "retry",
-            "queue", "affinity")  # fmt: skip
-    m = r.mapping(value, "proxy", keys)
-    timeout = duration(0, exclusive=True)
-    expected = f"{DURATION_EXPECTED}, above zero"
-    retry = r.mapping(m.get("retry"), "proxy.retry", ("enabled", "max_attempts"))
-    queue = r.mapping(m.get("queue"), "proxy.queue", ("max_size", "timeout"))
-    affinity = r.mapping(m.get("affinity"), "proxy.affinity", ("enabled", "max_entries", "ttl", "hold"))
-    q, a = QueueConfig(), AffinityConfig()
-    return ProxyConfig(
-        load_balancer=r.get(
-            m, "load_balancer", "proxy", d.load_balancer, choice(BALANCERS), f"one of {', '.join(BALANCERS)}"
-        ),
-        connection_timeout=r.get(m, "connection_timeout", "proxy", d.connection_timeout, timeout, expected),
-        response_timeout=r.get(m, "response_timeout", "proxy", d.response_timeout, timeout, expected),
-        read_timeout=r.get(m, "read_timeout", "proxy", d.read_timeout, timeout, expected),
-        header_timeout=r.get(m, "header_timeout", "proxy", d.header_timeout, timeout, expected),
-        retry=RetryConfig(
-            enabled=r.get(retry, "enabled", "proxy.retry", True, boolean, "true or false"),
-            max_attempts=r.get(
-                retry, "max_attempts", "proxy.retry", 0, integer(0), "an integer >= 0 (0: every candidate once)"
-            ),
-        ),
-        queue=QueueConfig(
-            max_size=r.get(queue, "max_size", "proxy.queue", q.max_size, integer(0),
-                           "an integer >= 0 (0: no queue, 503 at once)"),
-            timeout=r.get(queue, "timeout", "proxy.queue", q.timeout, timeout, expected),
-        ),
-        affinity=AffinityConfig(
-            enabled=r.get(affinity, "enabled", "proxy.affinity", a.enabled, boolean, "true or false"),
-            max_entries=r.get(affinity, "max_entries", "proxy.affinity", a.max_entries, integer(1), "an integer >= 1"),
-            ttl=r.get(affinity, "ttl", "proxy.affinity", a.ttl, timeout, expected),
-            hold=r.get(affinity, "hold", "proxy.affinity", a.hold, duration(0), f"{DURATION_EXPECTED} (0: off)"),
-        ),
-    )  # fmt: skip
-
-
 def _logging(r: Checks, value: Any) -> LoggingConfig:
     m = r.mapping(value, "logging", ("level", "format"))
     return LoggingConfig(
         level=r.get(m, "level", "logging", "info", choice(LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}"),
         format=r.get(m, "format", "logging", "json", choice(LOG_FORMATS), f"one of {', '.join(LOG_FORMATS)}"),
     )
-
-
-def _discovery(r: Checks, value: Any, profiles: Mapping[str, Profile] | None) -> DiscoveryConfig:
-    m = r.mapping(value, "discovery", ("type", "static", "model_discovery", "slots_interval"))
-    r.get(m, "type", "discovery", "static", choice(("static",)), "static (the only discovery type)")
-    static = r.mapping(m.get("static"), "discovery.static", ("endpoints",))
-    found = r.mapping(m.get("model_discovery"), "discovery.model_discovery", ("interval",))
-    above_zero = f"{DURATION_EXPECTED}, above zero"
-    interval = r.get(found, "interval", "discovery.model_discovery", 300.0, duration(0, exclusive=True), above_zero)
-    # llama-server answers /slots on its main loop: polling it much faster slowed generation ~30x.
-    slots_interval = r.get(m, "slots_interval", "discovery", 2.0, duration(1.0), f"{DURATION_EXPECTED}, at least 1s")
-    items = static.get("endpoints")
-    path = "discovery.static.endpoints"
-    if items is not None and not isinstance(items, list):
-        r.bad(path, "wrong type", items, "a list of endpoints")
-        items = None
-    names, urls = _Unique(r, "name"), _Unique(r, "URL")
-    endpoints = [_endpoint(r, item, f"{path}[{i}]", profiles, names, urls) for i, item in enumerate(items or [])]
-    return DiscoveryConfig(tuple(e for e in endpoints if e is not None), interval, slots_interval)
-
-
-def _endpoint(
-    r: Checks, item: Any, path: str, profiles: Mapping[str, Profile] | None, names: _Unique, urls: _Unique
-) -> EndpointConfig | None:
-    m = r.mapping(item, path, _ENDPOINT_KEYS)
-    if not isinstance(item, Mapping):
-        return None
-    d = EndpointConfig(name="", url="")
-    name = r.require(m, "name", path, text, "a unique, non-empty name")
-    url = r.require(m, "url", path, base_url, "an http:// or https:// URL with a host, such as http://127.0.0.1:8080")
-    if not isinstance(name, Bad):
-        names.claim(name, key_path(path, "name"), name)
-    if not isinstance(url, Bad):
-        urls.claim(url_key(url), key_path(path, "url"), url)
-    kind = r.get(m, "type", path, d.type, text, "a profile name")
-    profile = None
-    if profiles is not None:
-        profile = profiles.get(kind)
-        if profile is None:
-            hint = difflib.get_close_matches(kind, list(profiles), n=1)
-            problem = f"unknown endpoint type (did you mean {hint[0]}?)" if hint else "unknown endpoint type"
-            loaded = ", ".join(sorted(profiles)) or "none loaded"
-            r.bad(key_path(path, "type"), problem, kind, f"a loaded profile: {loaded}")
-    interval = r.get(
-        m, "check_interval", path, d.check_interval, duration(0.1), f"{DURATION_EXPECTED}, at least 100ms"
-    )
-    timeout = min(d.check_timeout, interval / 2)  # a short check_interval alone stays valid
-    if "check_timeout" in m:
-        here = key_path(path, "check_timeout")
-        given = r.check(m["check_timeout"], here, duration(0, exclusive=True), f"{DURATION_EXPECTED}, above zero")
-        if not isinstance(given, Bad) and given >= interval:
-            below = f"a duration below check_interval ({interval:g}s)"
-            r.bad(here, "not less than check_interval", m["check_timeout"], below)
-        elif not isinstance(given, Bad):
-            timeout = given
-    expected_target = "a path such as /health (joined to url) or an absolute http(s) URL"
-    model_url = r.get(m, "model_url", path, None, target_url, expected_target)
-    health_url = r.get(m, "health_check_url", path, None, target_url, expected_target)
-    priority = r.get(m, "priority", path, d.priority, integer(0), "an integer >= 0 (higher is preferred)")
-    slots = r.get(m, "slots", path, None, integer(1), "an integer >= 1 (llama-server's -np)")
-    headers = _headers(r, m.get("headers"), key_path(path, "headers"))
-    if isinstance(name, Bad) or isinstance(url, Bad):
-        return None
-    if profile is not None:
-        model_url = model_url or profile.models_path
-        health_url = health_url or profile.health_path
-    return EndpointConfig(
-        name=name,
-        url=url,
-        type=kind,
-        priority=priority,
-        model_url=join_url(url, model_url) if model_url else None,
-        health_check_url=join_url(url, health_url) if health_url else None,
-        check_interval=interval,
-        check_timeout=timeout,
-        slots=slots,
-        headers=headers,
-    )
-
-
-def _headers(r: Checks, value: Any, path: str) -> Mapping[str, str]:
-    expected = "a mapping of header name -> string value"
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, Mapping):
-        r.bad(path, "wrong type", value, expected, secret=True)
-        return MappingProxyType({})
-    headers: dict[str, str] = {}
-    seen: set[str] = set()
-    for name, raw in value.items():
-        here = key_path(path, name)
-        if not isinstance(name, str) or not HEADER_NAME_PATTERN.fullmatch(name):
-            r.bad(here, "bad header name", name, "an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
-        elif name.lower() in MANAGED_HEADERS:
-            r.bad(here, "header set by olla itself", name, f"a header other than {', '.join(sorted(MANAGED_HEADERS))}")
-        elif name.lower() in seen:
-            r.bad(here, "duplicate header (names are case-insensitive)", name, "each header once")
-        else:
-            seen.add(name.lower())
-            checked = r.check(raw, here, header_value, "a non-empty string on one line", secret=True)
-            if not isinstance(checked, Bad):
-                headers[name] = checked
-    return MappingProxyType(headers)
-
-
-class _Unique:
-    """Reports the second and later endpoints that claim the same name or URL."""
-
-    def __init__(self, r: Checks, what: str) -> None:
-        self.r, self.what = r, what
-        self.first: dict[Hashable, str] = {}
-
-    def claim(self, key: Hashable, path: str, got: str) -> None:
-        first = self.first.setdefault(key, path)
-        if first != path:
-            self.r.bad(path, f"duplicate {self.what} (also at {first})", got, f"a {self.what} no other endpoint uses")
 
 
 def _aliases(r: Checks, value: Any, path: str) -> Mapping[str, tuple[str, ...]]:
