@@ -236,7 +236,8 @@ class Proxy:
             response.headers["X-Olla-Affinity"] = _affinity(plan.preferred, endpoint)
             if plan.keys is not None and upstream.status < 400:
                 self.affinity.remember(plan.keys, endpoint.name, now)
-                plan.held_for = plan.keys.record  # the slot now holds this conversation: keep it for its next turn
+                if plan.preferred is not None:  # a conversation seen before: its slot is kept for its next turn
+                    plan.held_for = plan.keys.record  # (not after a first turn or a one-shot, which looks the same)
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         exchange.status = upstream.status
         await response.prepare(request)
