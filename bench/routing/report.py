@@ -96,10 +96,10 @@ def _s(seconds: float) -> str:
 
 def table(rows: list[Row]) -> list[str]:
     lines = [
-        "| load | balancer | requests | TTFT p50 s | TTFT p95 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s "
+        ("| load | balancer | requests | TTFT p50 s | TTFT p95 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s "
         "| prompt tokens re-processed | of them in chat turns | cache hit share "
         "| waited on an endpoint with a free slot elsewhere (all that waited on an endpoint) "
-        "| 503 | other errors | unfinished |",
+        "| 503 | other errors | unfinished |"),
         "| --- | --- " + "| ---: " * 14 + "|",
     ]
     for row in rows:
@@ -147,8 +147,8 @@ def targets(rows: list[Row]) -> list[str]:
     best, base = by[("slot-aware+affinity", top)], by[(BASELINE, top)]
     p99, p99_base = best.latency("ttft", 99), base.latency("ttft", 99)
     lines = [
-        f"- At {top:.0%} load, slot-aware+affinity TTFT p99 at most half that of {BASELINE}: "
-        f"{_s(p99)} s vs {_s(p99_base)} s (ratio {_ratio(p99, p99_base)}): **{_verdict(p99 <= p99_base / 2)}**."
+        (f"- At {top:.0%} load, slot-aware+affinity TTFT p99 at most half that of {BASELINE}: "
+        f"{_s(p99)} s vs {_s(p99_base)} s (ratio {_ratio(p99, p99_base)}): **{_verdict(p99 <= p99_base / 2)}**.")
     ]
     for level in LEVELS:
         mine, theirs = by[("slot-aware+affinity", level)].reprocessed(True), by[(BASELINE, level)].reprocessed(True)
@@ -221,12 +221,12 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "# Balancers on an emulated fleet",
         "",
         f"Command: `{f'.venv/bin/python -m bench.routing {argv}'.strip()}`",
-        f"(seed {args.seed}, {args.duration:g} s of arrivals per run, each run cut {cut_after(args.duration):g} s after its start;"
-        f" whole benchmark: {wall / 60:.1f} min of wall time on {os.cpu_count() or 1} cores).",
+        (f"(seed {args.seed}, {args.duration:g} s of arrivals per run, each run cut {cut_after(args.duration):g} s after its start;"
+        f" whole benchmark: {wall / 60:.1f} min of wall time on {os.cpu_count() or 1} cores)."),
         "",
-        "Each run starts a fresh emulated fleet (cold KV caches) and a fresh router (`python -m olla serve`), "
+        ("Each run starts a fresh emulated fleet (cold KV caches) and a fresh router (`python -m olla serve`), "
         "then replays the same trace. Router config: `check_interval: 1s`, `discovery.slots_interval: 1s`, "
-        "equal priorities, queue defaults (256 waiting, 30 s).",
+        "equal priorities, queue defaults (256 waiting, 30 s)."),
         "",
         "## Fleet",
         "",
@@ -234,8 +234,8 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "| --- | --- | ---: | ---: | ---: |",
         *fleet,
         "",
-        f"Every endpoint: n_ctx {N_CTX} per slot and the emulator's other defaults, among them its RAM prompt cache "
-        f"(`cache_ram_tokens` {sim.cache_ram_tokens:,}, restoring at {sim.cache_load_fraction:g} × prefill cost).",
+        (f"Every endpoint: n_ctx {N_CTX} per slot and the emulator's other defaults, among them its RAM prompt cache "
+        f"(`cache_ram_tokens` {sim.cache_ram_tokens:,}, restoring at {sim.cache_load_fraction:g} × prefill cost)."),
         "",
         "## Workload",
         "",
@@ -270,14 +270,14 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "",
         "## Results",
         "",
-        "TTFT: from sending to the first streamed chunk with content. Latency percentiles are over successful "
+        ("TTFT: from sending to the first streamed chunk with content. Latency percentiles are over successful "
         "requests (nearest rank; a request still unfinished at the cut counts as infinitely slow, shown `cut`). "
         "Output tok/s: output tokens / time from the start to the last response. Re-processed: sum of "
         "`timings.prompt_n`; cache hit share: sum `cache_n` / sum (`cache_n` + `prompt_n`); both, like output "
         "tokens, count completed requests only, so a run with unfinished requests shows less. Waits are counted "
         f"in the fleet process, sampling every {SAMPLE_SECONDS * 1000:g} ms (a request that waits less than a "
         "sample apart can be missed): a rise in an endpoint's waiting count while another endpoint of the same "
-        "model has a free slot. One run per balancer and load: a p99 rests on the few slowest requests of a run.",
+        "model has a free slot. One run per balancer and load: a p99 rests on the few slowest requests of a run."),
         "",
         *table(rows),
         "",
@@ -293,13 +293,13 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "",
         *targets(rows),
         "",
-        "Why affinity hits often find the cache gone: olla picks the endpoint, llama-server picks the slot, the "
+        ("Why affinity hits often find the cache gone: olla picks the endpoint, llama-server picks the slot, the "
         "idle one sharing the longest prefix with the prompt. It saves a slot to its RAM prompt cache, and "
         "restores the best saved match, only when the new prompt keeps less than half of what the slot holds. "
         "Conversations here share a long system prompt and are shorter than twice it, so a turn that lands in "
         "another conversation's slot overwrites it unsaved and does not restore its own. Near capacity each freed "
         "slot is handed on at once, before the conversation that freed it sends its next turn: see the column "
-        "'affinity hits that found their conversation cached'. The router never sets `id_slot`.",
+        "'affinity hits that found their conversation cached'. The router never sets `id_slot`."),
         "",
         "Chart: [routing.png](routing.png).",
         "",
