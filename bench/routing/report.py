@@ -298,8 +298,10 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "restores the best saved match, only when the new prompt keeps less than half of what the slot holds. "
         "Conversations here share a long system prompt and are shorter than twice it, so a turn that lands in "
         "another conversation's slot overwrites it unsaved and does not restore its own. Near capacity each freed "
-        "slot is handed on at once, before the conversation that freed it sends its next turn: see the column "
-        "'affinity hits that found their conversation cached'. The router never sets `id_slot`."),
+        "slot is handed on at once, so the router keeps it for the conversation's next turn for "
+        "`proxy.affinity.hold` (100 ms) from its second turn on. What is still lost: second turns (a first turn "
+        "looks like a one-shot and gets no hold), turns sent after the hold, and idle slots another conversation "
+        "lands in. The router never sets `id_slot`."),
         "",
         "Chart: [routing.png](routing.png).",
         "",
