@@ -128,14 +128,17 @@ class Upstream:
         complete = False
         try:
             while True:
-                remaining = deadline - time.monotonic()
-                silence = min(read_timeout, remaining)
-                try:
-                    async with asyncio.timeout(silence):
-                        chunk = await content.readany()
-                except TimeoutError as exc:
-                    which = "response_timeout" if remaining <= read_timeout else "read_timeout"
-                    raise UpstreamBroken(f"endpoint {endpoint.name} went silent ({which} {silence:g}s)") from exc
+                # What already arrived needs no timer: a small reply is usually in with its headers.
+                chunk = content.read_nowait()
+                if not chunk and not content.is_eof():
+                    remaining = deadline - time.monotonic()
+                    silence = min(read_timeout, remaining)
+                    try:
+                        async with asyncio.timeout(silence):
+                            chunk = await content.readany()
+                    except TimeoutError as exc:
+                        which = "response_timeout" if remaining <= read_timeout else "read_timeout"
+                        raise UpstreamBroken(f"endpoint {endpoint.name} went silent ({which} {silence:g}s)") from exc
                 if not chunk:
                     complete = True
                     return

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aiohttp
 import orjson
 import pytest
 
@@ -27,6 +28,7 @@ class StingyEndpoint:
     and any second request on a connection when `one_request_per_connection` is set."""
 
     one_request_per_connection: bool = False
+    pause_mid_body: float = 0.0  # a plain reply's body stops halfway this long
     connections_with_work: int = 0
     dropped: int = 0
     server: asyncio.Server | None = field(default=None, repr=False)
@@ -62,8 +64,15 @@ class StingyEndpoint:
                     writer.write(b"0\r\n\r\n")
                 else:
                     body = MODELS if path == "/v1/models" else b'{"status":"ok"}'
+                    if path == "/tokenize":
+                        body = orjson.dumps({"tokens": list(range(2000))})
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                                 b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+                    half = len(body) // 2 if path == "/tokenize" and self.pause_mid_body else len(body)
+                    writer.write(body[:half])
+                    await writer.drain()
+                    await asyncio.sleep(self.pause_mid_body if half < len(body) else 0)
+                    writer.write(body[half:])
                 await writer.drain()
                 if closing:
                     return
@@ -85,8 +94,8 @@ async def stingy() -> AsyncIterator[StingyEndpoint]:
     await endpoint.stop()
 
 
-async def _router(aiohttp_client, url: str):  # type: ignore[no-untyped-def]
-    client = await aiohttp_client(create_app(router_config([{"name": "e", "url": url}])))
+async def _router(aiohttp_client, url: str, **sections):  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(create_app(router_config([{"name": "e", "url": url}], **sections)))
     registry = client.app[REGISTRY]
     await wait_until(registry, lambda: registry.endpoints["e"].routable and registry.endpoints["e"].discovery)
     return client, registry.endpoints["e"]
@@ -111,3 +120,22 @@ async def test_a_pooled_connection_the_endpoint_closed_is_retried_on_a_fresh_one
         assert r.headers["X-Olla-Routing-Decision"] == "routed"
     assert stingy.dropped >= 1, "the test endpoint never dropped a reused connection"
     assert endpoint.errors == 0 and endpoint.routable
+
+
+async def test_a_body_that_pauses_midway_arrives_whole(aiohttp_client, stingy) -> None:
+    stingy.pause_mid_body = 0.2
+    client, endpoint = await _router(aiohttp_client, await stingy.start(), proxy={"read_timeout": "2s"})
+    r = await client.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    assert r.status == 200
+    assert (await r.json())["tokens"] == list(range(2000))
+    assert endpoint.errors == 0
+
+
+async def test_a_body_silent_midway_past_read_timeout_is_cut(aiohttp_client, stingy) -> None:
+    stingy.pause_mid_body = 3.0
+    client, endpoint = await _router(aiohttp_client, await stingy.start(), proxy={"read_timeout": "300ms"})
+    r = await client.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    assert r.status == 200  # headers went out before the silence
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await r.read()
+    assert endpoint.errors == 1
