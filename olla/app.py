@@ -88,6 +88,7 @@ def create_app(config: Config) -> web.Application:
     queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics,
                       config.proxy.affinity.hold)  # fmt: skip
     registry.listeners.append(queue.wake)
+    queue.recount = registry.recount
     loaded = LoadedConfig(config)
     status = Status(registry, metrics, queue, loaded)
     # Status routes need a key only with server.auth.protect_status, and have their own rate budget.

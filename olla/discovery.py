@@ -10,6 +10,7 @@ still routes by its model list).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -107,6 +108,7 @@ async def run(registry: Registry, upstream: Upstream, endpoint: Endpoint, profil
 
 SLOTS_TIMEOUT = 2.0
 UNREADABLE_BACKOFF = 10  # an endpoint whose /slots is off or refused is asked this many times less often
+RECOUNT_GAP = 1.0  # the shortest time between two /slots reads of one endpoint
 
 
 async def run_slots(registry: Registry, upstream: Upstream, endpoint: Endpoint, profile: Profile, interval: float) -> None:
@@ -114,12 +116,20 @@ async def run_slots(registry: Registry, upstream: Upstream, endpoint: Endpoint, 
 
     llama-server answers /slots on its main loop, so it is never polled faster
     than about once a second (much faster polling was seen to slow generation
-    about 30 times).
+    about 30 times). When requests wait in the router while the endpoint's slots
+    are busy with other clients (`Registry.recount`), the next read comes as
+    soon as that floor allows, so slots those clients free are seen sooner.
     """
     url = endpoint.url_for(None, profile.slots_path)
+    recount = registry.recount_event(endpoint)
     while True:
-        unreadable = endpoint.slots.readable is False
-        await asyncio.sleep(interval * (UNREADABLE_BACKOFF if unreadable else 1))
+        wait = interval * (UNREADABLE_BACKOFF if endpoint.slots.readable is False else 1)
+        # Requests waiting on other clients' load read /slots again sooner, but never within RECOUNT_GAP.
+        await asyncio.sleep(min(wait, RECOUNT_GAP))
+        if wait > RECOUNT_GAP and not recount.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recount.wait(), wait - RECOUNT_GAP)
+        recount.clear()
         if not endpoint.routable:
             continue
         own_before = endpoint.slots.own

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from olla.config import EndpointConfig
 from olla.endpoint import Discovery, Endpoint, Health, Outcome, Probe
@@ -67,6 +67,14 @@ class Change:
                 "replaced": sorted(replaced), "updated": list(self.updated)}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Wakeups:
+    """What an endpoint's discovery loops wait on besides their interval."""
+
+    discover: asyncio.Event = field(default_factory=asyncio.Event)
+    recount: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class Registry:
     def __init__(
         self, endpoints: Sequence[EndpointConfig], aliases: Mapping[str, Sequence[str]] = {},
@@ -75,7 +83,7 @@ class Registry:
         self.default_slots = dict(default_slots)
         self.endpoints: dict[str, Endpoint] = {c.name: self._new(c) for c in endpoints}
         self.aliases = {alias: tuple(ids) for alias, ids in aliases.items()}
-        self._discover = {endpoint: asyncio.Event() for endpoint in self.endpoints.values()}
+        self._wakeups = {endpoint: Wakeups() for endpoint in self.endpoints.values()}
         self.changed = asyncio.Event()  # set on any health change; waited on by tests and status
         self.listeners: list[Callable[[Endpoint], None]] = []  # told when an endpoint's capacity may have changed
 
@@ -118,7 +126,17 @@ class Registry:
 
     def discovery_event(self, endpoint: Endpoint) -> asyncio.Event:
         """Set when the endpoint should be (re)discovered: first health and every recovery."""
-        return self._discover[endpoint]
+        return self._wakeups[endpoint].discover
+
+    def recount_event(self, endpoint: Endpoint) -> asyncio.Event:
+        """Set when the endpoint's /slots should be read again soon (`recount`)."""
+        return self._wakeups[endpoint].recount
+
+    def recount(self, endpoint: Endpoint) -> None:
+        """A request waits while the endpoint's slots are busy with other clients: have that checked soon."""
+        wakeups = self._wakeups.get(endpoint)
+        if wakeups is not None:
+            wakeups.recount.set()
 
     def replace(self, endpoints: Sequence[EndpointConfig], aliases: Mapping[str, Sequence[str]]) -> Change:
         """Take a reloaded endpoint list and aliases (see the module docstring for what keeps its state)."""
@@ -135,13 +153,13 @@ class Registry:
                     updated.append(config.name)
             else:
                 endpoint = self._new(config)
-                self._discover[endpoint] = asyncio.Event()
+                self._wakeups[endpoint] = Wakeups()
                 added.append(endpoint)
             after[config.name] = endpoint
         kept = set(after.values())
         removed = [e for e in before.values() if e not in kept]
         for endpoint in removed:
-            del self._discover[endpoint]
+            del self._wakeups[endpoint]
             endpoint.health, endpoint.detail = Health.OFFLINE, REMOVED  # held only by requests in flight now
         self.endpoints = after
         self.aliases = {alias: tuple(ids) for alias, ids in aliases.items()}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from olla.affinity import Keys
@@ -67,6 +67,7 @@ class SlotQueue:
         self.waitlists: dict[frozenset[str], Waitlist] = {}
         self.holds: dict[bytes, tuple[Endpoint, asyncio.TimerHandle]] = {}  # conversation key: its held slot
         self.holds_taken = self.holds_expired = 0
+        self.recount: Callable[[Endpoint], None] = lambda endpoint: None  # asks for a fresh /slots reading
 
     async def acquire(
         self, pool: Pool, exclude: Sequence[Endpoint] = (), preferred: Endpoint | None = None, keys: Keys | None = None
@@ -89,6 +90,9 @@ class SlotQueue:
             raise SlotsExhausted()
         waiter = Waiter(asyncio.get_running_loop().create_future(), tuple(exclude), preferred)
         waitlist.waiters.append(waiter)
+        for member in pool.members:
+            if member.slots.external:  # the wait may rest on other clients' load, read some time ago
+                self.recount(member)
         self.metrics.queue_length.labels(waitlist.label).set(len(waitlist.waiters))
         self._dispatch(waitlist)  # those ahead may already hold their slots, and one may be free
         started = time.monotonic()

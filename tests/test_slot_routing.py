@@ -190,6 +190,22 @@ async def test_slots_busy_with_other_clients_are_seen_through_slots(start_sims, 
     outsider.cancel()
 
 
+async def test_a_wait_on_other_clients_load_reads_slots_again_soon(start_sims, make_router, sim_session) -> None:
+    (sim,) = await start_sims(fast(slots=1, decode_ms=10.0))
+    client = await make_router([ep("only", sim)], discovery={"slots_interval": "3s"})
+    only = client.app[REGISTRY].endpoints["only"]
+    outsider = asyncio.create_task(sim_session.post(sim.url + "/completion", json={"prompt": "x", "n_predict": 2000}))
+    await until(lambda: only.slots.external == 1, 10.0)  # two readings 3 s apart
+    outsider.cancel()
+    await until(lambda: sim.busy_slots == 0, 1.0)
+    loop = asyncio.get_running_loop()
+    queued = loop.time()
+    r = await post(client, chat())  # waits in the router: the last reading still shows the outsider
+    assert r.status == 200
+    # The next reading comes 1 s after the last one, not at the 3 s interval.
+    assert loop.time() - queued < 2.0
+
+
 async def test_an_explicit_session_id_keeps_requests_together(start_sims, make_router) -> None:
     sims = await start_sims(*(fast(slots=4) for _ in range(3)))
     client = await make_router([ep(f"e{i}", s) for i, s in enumerate(sims)])
