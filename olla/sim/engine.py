@@ -122,6 +122,11 @@ class Generation:
         engine.metrics.on_decode(engine.pool.busy)
         return token
 
+    async def stall(self, seconds: float) -> None:
+        """Wait `seconds` and push the token schedule back as much, so later tokens keep their pace."""
+        await asyncio.sleep(seconds)
+        self._decode_start += seconds
+
     def timings(self) -> dict[str, Any]:
         return {
             "cache_n": self.cache_n,

@@ -9,13 +9,16 @@
     hang_stream   generation sends `after` tokens, then goes silent with the connection open
     cut_stream    generation sends `after` tokens, then drops the TCP connection
     status        generation routes answer `status` (e.g. 500, 502, 503) with an error body
+    slow_decode   generation waits `delay` seconds more before each token, as an overloaded
+                  or throttled server would
     slow_health   /health answers after `delay` seconds
     fail_health   /health answers 500
 
 "Generation routes" are the ones that take a slot: completions, chat, infill,
-embeddings (which have no tokens to count, so hang_stream and cut_stream pass
-them by). A request without streaming that meets hang_stream or cut_stream
-hangs or is cut before any header, since its body only exists once it is done.
+embeddings (which have no tokens to count, so hang_stream, cut_stream and
+slow_decode pass them by). A request without streaming that meets hang_stream
+or cut_stream hangs or is cut before any header, since its body only exists
+once it is done.
 Any fault takes `duration` (seconds) to clear itself, e.g. a crash and restart.
 """
 
@@ -32,6 +35,7 @@ NAMES = (
     "hang_stream",
     "cut_stream",
     "status",
+    "slow_decode",
     "slow_health",
     "fail_health",
 )

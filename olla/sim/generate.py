@@ -117,8 +117,11 @@ async def _forever() -> None:
     await asyncio.get_running_loop().create_future()
 
 
-async def _at_token(request: web.Request, state: State, produced: int) -> None:
-    """Where hang_stream and cut_stream strike: before the token after `after`."""
+async def _at_token(request: web.Request, state: State, gen: Generation) -> None:
+    """Where the token faults strike: slow_decode before every token; hang_stream, cut_stream after `after` tokens."""
+    if (fault := state.faults.get("slow_decode")) is not None:
+        await gen.stall(fault.delay)
+    produced = len(gen.tokens)
     if (fault := state.faults.get("hang_stream")) is not None and produced >= fault.after:
         await _forever()
     if (fault := state.faults.get("cut_stream")) is not None and produced >= fault.after:
@@ -156,7 +159,7 @@ async def _generate(request: web.Request, fmt: Format, prompt: list[int], body: 
             return await _stream(request, state, fmt, reply, gen)
         try:
             while not gen.done:
-                await _at_token(request, state, len(gen.tokens))
+                await _at_token(request, state, gen)
                 await gen.next_token()
         except _Cut:
             return web.Response()
@@ -168,7 +171,7 @@ async def _stream(request: web.Request, state: State, fmt: Format, reply: Reply,
     try:
         while True:
             if not gen.done:
-                await _at_token(request, state, len(gen.tokens))
+                await _at_token(request, state, gen)
             token = await gen.next_token()
             events: list[dict[str, Any]] = []
             if response is None:
@@ -194,4 +197,3 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
 def _sse(events: list[dict[str, Any]], done: bool) -> bytes:
     out = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
     return out + b"data: [DONE]\n\n" if done else out
-

@@ -1,0 +1,223 @@
+"""The Markdown report of one chaos run."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from bench.chaos import adversary, clients
+from bench.chaos.harness import (
+    CHECKS,
+    CLIENT_TIMEOUT,
+    FLEET,
+    PROXY,
+    QUIET_TIMEOUT,
+    RESPONSE_TIMEOUT,
+    SETTLE,
+    WATCH_SECONDS,
+    Run,
+)  # fmt: skip
+from bench.chaos.timeline import KINDS
+from bench.chaos.verdict import UNEXPLAINED, VERDICTS
+
+SHOWN_FAILURES = 10
+
+
+def report(run: Run, command: str) -> str:
+    return "\n".join([
+        "# Chaos and soak: the router under an adversary",
+        "",
+        f"Command: `{command}`",
+        "",
+        _summary(run),
+        "",
+        f"**Result: {'pass' if run.passed else 'FAIL'}.**",
+        "",
+        "| criterion | measured | |",
+        "| --- | --- | --- |",
+        *(f"| {c.name} | {c.measured} | {'met' if c.met else '**not met**'} |" for c in run.criteria),
+        "",
+        "## Requests",
+        "",
+        *_requests(run),
+        "",
+        CLASSIFIED,
+        "",
+        "## The adversary",
+        "",
+        *_adversary(run),
+        "",
+        "## After the run",
+        "",
+        *_after(run),
+        "",
+        *_failures(run),
+        "## Setup",
+        "",
+        _setup(),
+        "",
+    ])  # fmt: skip
+
+
+def _summary(run: Run) -> str:
+    o, cpu = run.options, run.cpu
+    return (
+        f"Seed {o.seed}, {o.duration:g} s of chaos, {o.clients} clients, an adversary action every {o.pace:g} s on "
+        f"average; {run.wall / 60:.1f} min of wall time in all. Machine: {os.cpu_count()} cores shared with other "
+        f"work; 1-minute load average {run.load[0]:.2f} at the start and {run.load[1]:.2f} at the end. CPU time "
+        f"used during the run: router {cpu['router']:.0f} s ({cpu['router'] / o.duration:.0%} of a core), "
+        f"harness (fleet, clients and adversary in one process) {cpu['harness']:.0f} s "
+        f"({cpu['harness'] / o.duration:.0%} of a core)."
+    )
+
+
+def _requests(run: Run) -> list[str]:
+    kinds = list(clients.MIX)
+    by = Counter((r.kind, v) for r, v in zip(run.results, run.verdicts, strict=True))
+    sent = Counter(r.kind for r in run.results)
+    lines = [
+        "| | " + " | ".join(kinds) + " | all |",
+        "| --- " + "| ---: " * (len(kinds) + 1) + "|",
+        "| sent | " + " | ".join(str(sent[k]) for k in kinds) + f" | {len(run.results)} |",
+    ]
+    for verdict in VERDICTS:
+        lines.append(
+            f"| {verdict} | " + " | ".join(str(by[(k, verdict)]) for k in kinds) + f" | {run.counts[verdict]} |"
+        )
+    return lines
+
+
+CLASSIFIED = (
+    "How a request is classified: no response body and status 0 (no answer) or 5xx, other than 503 "
+    "`slots_exhausted`, is a failure before the first byte. It counts as *every candidate down* when, at some "
+    "time while it ran, no endpoint of its model was healthy. An endpoint counts as healthy from "
+    f"{SETTLE:g} s after the adversary's last fault on it ended (a killed endpoint's fault ends when it has "
+    "reloaded): that is the grace for the router to bring it back (offline backoff, then two good probes in a row). "
+    f"After a hang the grace is {RESPONSE_TIMEOUT:g} s longer: a request the hang held gets no headers until "
+    "`proxy.response_timeout`, and that late timeout still takes the endpoint out of rotation. A failure counts as "
+    "*504 after an endpoint was hung* when it is a 504 and an endpoint of its model (the one the error names, when "
+    "it names one) was hung while it ran: on routes that take a slot the router waits for headers up to "
+    f"`proxy.response_timeout` ({PROXY['response_timeout']} here) by design, because llama-server sends none while "
+    "a request waits for a slot or a non-streamed generation runs (docs/routing.md). Any other such failure is a "
+    "failure *while a candidate was healthy*. A 200 whose body ended early (an SSE `error` event, no `[DONE]`, a "
+    "dropped connection) is *cut mid-stream*; it is on an endpoint the adversary broke when the endpoint in "
+    "`X-Olla-Endpoint` was killed, hung or cut by the adversary while the request ran."
+)
+
+
+def _adversary(run: Run) -> list[str]:
+    counts = run.timeline.count()
+    held = dict.fromkeys(KINDS, 0.0)
+    for a in run.timeline.actions:
+        held[a.kind] += a.end - a.start
+    spans = []
+    for model in sorted(set(run.timeline.models.values())):
+        down = run.timeline.down(model)
+        spans.append(f"{model} {sum(e - s for s, e in down):.0f} s in {len(down)} spans")
+    return [
+        "| action | what it does | times | endpoint-seconds |",
+        "| --- | --- | ---: | ---: |",
+        *(f"| {kind} | {_doc(kind)} | {counts[kind]} | {held[kind]:.0f} |" for kind in KINDS),
+        "",
+        (
+            "The adversary acts on an endpoint only while it shows no fault and another endpoint of the same model "
+            f"is healthy; {run.skipped} draws found no such endpoint and were skipped. A blackout kills every "
+            "endpoint of one model. Time with every candidate of a model down (grace included): "
+            + ", ".join(spans) + f", of {run.options.duration:g} s."
+        ),
+    ]  # fmt: skip
+
+
+def _doc(kind: str) -> str:
+    """The kind's line in the adversary's docstring."""
+    for line in (adversary.__doc__ or "").splitlines():
+        if line.strip().startswith(kind + " "):
+            return line.strip()[len(kind) :].strip()
+    return ""
+
+
+def _after(run: Run) -> list[str]:
+    memory, log = run.memory, run.router_log
+    return [
+        (
+            f"The harness waited {run.leftover.waited:.1f} s for quiet (at most {QUIET_TIMEOUT:g} s) before reading "
+            "busy slots: the router's `/internal/status/endpoints` (`in_flight`, `busy_slots`) and "
+            "`/internal/status/models` (queue length), each emulated endpoint's `/slots` (`is_processing`) and wait "
+            "queue. The router's view of the endpoints then: "
+            + ", ".join(f"{name} {status}" for name, status in run.health.items()) + "."
+        ),
+        "",
+        (
+            f"Router memory (VmRSS from /proc, sampled every second): {memory.start / 1024:.1f} MiB when the chaos "
+            f"began, {memory.warm / 1024:.1f} MiB after warm-up ({run.options.warmup:.0%} of the run), peak "
+            f"{memory.peak / 1024:.1f} MiB, {memory.end / 1024:.1f} MiB at the end."
+        ),
+        "",
+        (
+            f"Sampled every {WATCH_SECONDS:g} s: requests waiting inside an emulated endpoint {_most_waiting(run)} at "
+            f"most (a slot-aware router keeps none there while a slot is free elsewhere); the harness's event loop "
+            f"woke up at most {max(run.watch.lags, default=0) * 1000:.0f} ms late; the router changed its view of an "
+            f"endpoint {len(run.watch.changes)} times."
+        ),
+        "",
+        "Router log (level warning and up): "
+        + (", ".join(f"{n} {level}" for level, n in sorted(log["levels"].items())) or "empty") + ".",
+        *(f"- `{p}`" for p in log["problems"]),
+    ]  # fmt: skip
+
+
+def _most_waiting(run: Run) -> int:
+    at: Counter[float] = Counter()
+    for t, _, waiting in run.watch.waiting:
+        at[t] += waiting
+    return max(at.values(), default=0)
+
+
+def _view_at(run: Run, model: str, seconds: float) -> str:
+    """The router's view of a model's endpoints at `seconds` since the start, from the polled changes."""
+    view: dict[str, str] = {}
+    for t, name, status, _ in run.watch.changes:
+        if t <= seconds and run.timeline.models.get(name) == model:
+            view[name] = status
+    return ", ".join(f"{name} {status}" for name, status in sorted(view.items()))
+
+
+def _failures(run: Run) -> list[str]:
+    bad = [(r, v) for r, v in zip(run.results, run.verdicts, strict=True) if v in UNEXPLAINED]
+    if not bad:
+        return []
+    t0 = run.watch.started
+    lines = [
+        f"Unexplained failures (first {SHOWN_FAILURES} of {len(bad)}; times in seconds since the start):",
+        "",
+        "| verdict | kind | model | sent | ended | status | endpoint | code | message | router's view then |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
+    ]
+    for r, v in bad[:SHOWN_FAILURES]:
+        message = r.message.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {v} | {r.kind} | {r.model} | {r.sent - t0:.2f} | {r.ended - t0:.2f} | {r.status} "
+                     f"| {r.endpoint} | {r.code} | {message} | {_view_at(run, r.model, r.ended - t0)} |")  # fmt: skip
+    lines += ["", "What the adversary did (seconds since the start):", ""]
+    lines += [f"- {a.start - t0:.2f}-{a.end - t0:.2f} {a.kind} {a.endpoint} {a.detail}".rstrip()
+              for a in sorted(run.timeline.actions, key=lambda a: a.start)]  # fmt: skip
+    return [*lines, ""]
+
+
+def _setup() -> str:
+    models = Counter(c.model for c in FLEET.values())
+    sim = next(iter(FLEET.values()))
+    return (
+        f"Fleet: {len(FLEET)} emulated llama-servers (`olla.sim`) in the harness process, "
+        + ", ".join(f"{n} serving `{m}`" for m, n in models.items())
+        + f"; each {sim.slots} slots, {sim.prefill_ms:g} ms per prompt token, {sim.decode_ms:g} ms per generated "
+        f"token, {sim.load_seconds:g} s of loading after a restart. Router: `python -m olla serve` in its own "
+        f"process, default balancer (slot-aware), `proxy` {PROXY}, every endpoint {CHECKS}, "
+        "`discovery.slots_interval: 1s`.\n\n"
+        f"Clients: each holds a conversation of {clients.TURNS[0]}-{clients.TURNS[1]} turns with one model and sends "
+        + ", ".join(f"{share:.0%} {kind}" for kind, share in clients.MIX.items())
+        + " (stream: a streamed chat turn; plain: a non-streamed one; tokenize: `/tokenize`), max_tokens "
+        f"{clients.MAX_TOKENS[0]}-{clients.MAX_TOKENS[1]}, pausing up to {clients.THINK * 1000:g} ms between "
+        f"requests, and gives up on a request {CLIENT_TIMEOUT:g} s after sending it. The seed fixes every "
+        "client's and the adversary's choices; when they happen depends on the machine, so two runs match in kind, "
+        "not request for request."
+    )
