@@ -15,6 +15,7 @@ good probe.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from olla.config import EndpointConfig
@@ -79,6 +80,7 @@ class Endpoint:
     probe_failures: int = 0
     good_probes: int = 0  # in a row
     breaker_failures: int = 0
+    answered_at: float = -math.inf  # when a request last ended well
     in_flight: int = 0
     requests: int = 0
     errors: int = 0
@@ -160,14 +162,20 @@ class Endpoint:
             names.add(base_name(discovery.model_path))
         self._served = frozenset(names)
 
-    def record_outcome(self, outcome: Outcome, detail: str = "") -> bool:
-        """Feed the passive breaker; True when this attempt ejected the endpoint."""
+    def record_outcome(self, outcome: Outcome, detail: str = "", now: float = 0.0, since: float | None = None) -> bool:
+        """Feed the passive breaker; True when this attempt ejected the endpoint.
+
+        `since`: the failure tells of the endpoint as it was then (a timeout, at
+        its attempt's start); a request that ended well after that is newer news,
+        so the failure counts but does not eject.
+        """
         if outcome is Outcome.OK:
             self.breaker_failures = 0
+            self.answered_at = max(self.answered_at, now)
             return False
         self.errors += 1
         self.breaker_failures += 1
-        if not self.routable:
+        if not self.routable or (since is not None and since < self.answered_at):
             return False
         self.health = Health.OFFLINE if outcome is Outcome.UNREACHABLE else Health.UNHEALTHY
         self.detail = f"breaker: {detail}" if detail else "breaker"

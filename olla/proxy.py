@@ -180,6 +180,7 @@ class Proxy:
             headers_by = deadline
             if not plan.route.takes_slot:  # it cannot be waiting for a generation: silence means a stuck endpoint
                 headers_by = min(deadline, time.monotonic() + settings.header_timeout)
+            sent = time.monotonic()
             try:
                 upstream = await self.upstream.send(
                     endpoint, request.method, plan.path_qs, headers, plan.body, headers_by, plan.streaming
@@ -187,7 +188,8 @@ class Proxy:
             except UpstreamError as exc:
                 self._leave(endpoint, plan)
                 outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE
-                self.registry.record_outcome(endpoint, outcome, exc.message)
+                since = sent if isinstance(exc, UpstreamTimeout) else None  # a timeout is old news
+                self.registry.record_outcome(endpoint, outcome, exc.message, since)
                 self.metrics.retries.labels(endpoint.name, exc.code).inc()
                 failures.append(exc)
                 if isinstance(exc, UpstreamTimeout) and time.monotonic() >= deadline:

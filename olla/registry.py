@@ -17,6 +17,7 @@ requests in flight on it finish, since they hold its object.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -112,8 +113,8 @@ class Registry:
         endpoint.record_discovery(discovery, now)
         self._signal_change(endpoint)
 
-    def record_outcome(self, endpoint: Endpoint, outcome: Outcome, detail: str = "") -> bool:
-        ejected = endpoint.record_outcome(outcome, detail)
+    def record_outcome(self, endpoint: Endpoint, outcome: Outcome, detail: str = "", since: float | None = None) -> bool:
+        ejected = endpoint.record_outcome(outcome, detail, time.monotonic(), since)
         if ejected:
             self._signal_change(endpoint)
         return ejected

@@ -86,6 +86,15 @@ def test_breaker_ejects_at_once_and_only_a_good_probe_brings_it_back() -> None:
     assert e.routable and e.breaker_failures == 0
 
 
+def test_a_timeout_older_than_a_success_counts_but_does_not_eject() -> None:
+    e = Endpoint(cfg("a"))
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
+    e.record_outcome(Outcome.OK, now=10.0)
+    assert e.record_outcome(Outcome.UNREACHABLE, "timed out", now=11.0, since=9.0) is False  # began before the success
+    assert e.routable and e.errors == 1
+    assert e.record_outcome(Outcome.UNREACHABLE, "timed out", now=12.0, since=10.5) is True  # nothing good since
+
+
 def test_unreachable_attempt_marks_offline() -> None:
     e = Endpoint(cfg("a"))
     e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
