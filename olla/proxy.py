@@ -134,8 +134,10 @@ class Proxy:
         size = 0
         while True:
             try:
-                async with asyncio.timeout(BODY_TIMEOUT):
-                    chunk = await request.content.read(READ_CHUNK)
+                chunk = request.content.read_nowait(READ_CHUNK)  # what has arrived needs no timer (a small body
+                if not chunk and not request.content.is_eof():  # comes with the headers): ~2% of CPU per request
+                    async with asyncio.timeout(BODY_TIMEOUT):
+                        chunk = await request.content.read(READ_CHUNK)
             except TimeoutError as exc:
                 raise requestcheck.BodyTimeout(f"no byte of the request body arrived for {BODY_TIMEOUT:g}s") from exc
             except web.RequestPayloadError as exc:  # a broken chunked framing or compressed body
