@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from bench.chaos import Options, run
 from bench.chaos.clients import Result
 from bench.chaos.timeline import KINDS, Timeline

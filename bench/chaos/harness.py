@@ -131,13 +131,16 @@ async def _chaos(options: Options, base: str, pid: int, servers: dict[str, SimSe
         until = started + options.duration
         meter, watch = Meter(pid, started), Watch(session, base, started, servers)
         sampling, watching = asyncio.create_task(meter.run()), asyncio.create_task(watch.run())
-        clients = asyncio.create_task(pool.run(until))
-        await adversary.run(until)
-        await adversary.stop()
-        await clients
-        leftover = await _quiesce(session, base, servers)
-        sampling.cancel()
-        watching.cancel()
+        try:
+            clients = asyncio.create_task(pool.run(until))
+            await adversary.run(until)
+            await adversary.stop()
+            await clients
+            leftover = await _quiesce(session, base, servers)
+        finally:
+            sampling.cancel()
+            watching.cancel()
+            await asyncio.gather(sampling, watching, return_exceptions=True)
         meter.sample()
         health = {e["name"]: e["status"] for e in await _get(session, base + "/internal/status/endpoints", "endpoints")}
     memory = Memory(meter.samples, options.warmup * options.duration)
@@ -170,14 +173,18 @@ async def _quiesce(session: aiohttp.ClientSession, base: str, servers: dict[str,
     while True:
         endpoints = await _get(session, base + "/internal/status/endpoints", "endpoints")
         models = await _get(session, base + "/internal/status/models", "models")
-        busy = 0
+        busy = unread = 0
         for server in servers.values():
             async with session.get(server.url + "/slots") as response:
-                busy += sum(1 for s in await response.json() if s.get("is_processing"))
+                listing = await response.json()  # a 503 while a restarted endpoint loads: read it again
+            if response.status == 200:
+                busy += sum(1 for s in listing if s.get("is_processing"))
+            else:
+                unread += 1
         waited = time.monotonic() - began
         left = Leftover(
             sum(e["in_flight"] for e in endpoints), sum(e["busy_slots"] for e in endpoints),
-            sum(m["queue"]["length"] for m in models), busy, sum(s.waiting for s in servers.values()), waited,
+            sum(m["queue"]["length"] for m in models), busy, sum(s.waiting for s in servers.values()), unread, waited,
         )  # fmt: skip
         if left.total == 0 or waited > QUIET_TIMEOUT:
             return left

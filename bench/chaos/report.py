@@ -6,6 +6,7 @@ import os
 from collections import Counter
 
 from bench.chaos import adversary, clients
+from bench.chaos.clients import Result
 from bench.chaos.harness import (
     CHECKS,
     CLIENT_TIMEOUT,
@@ -20,7 +21,7 @@ from bench.chaos.harness import (
 from bench.chaos.timeline import KINDS
 from bench.chaos.verdict import UNEXPLAINED, VERDICTS
 
-SHOWN_FAILURES = 10
+INCIDENT_GAP = 2.0  # seconds between two unexplained failures of one incident
 
 
 def report(run: Run, command: str) -> str:
@@ -94,7 +95,8 @@ CLASSIFIED = (
     f"{SETTLE:g} s after the adversary's last fault on it ended (a killed endpoint's fault ends when it has "
     "reloaded): that is the grace for the router to bring it back (offline backoff, then two good probes in a row). "
     f"After a hang the grace is {RESPONSE_TIMEOUT:g} s longer: a request the hang held gets no headers until "
-    "`proxy.response_timeout`, and that late timeout still takes the endpoint out of rotation. A failure counts as "
+    "`proxy.response_timeout`, and that late timeout takes the endpoint out of rotation unless it has answered a "
+    "request well since (docs/routing.md, Breaker). A failure counts as "
     "*504 after an endpoint was hung* when it is a 504 and an endpoint of its model (the one the error names, when "
     "it names one) was hung while it ran: on routes that take a slot the router waits for headers up to "
     f"`proxy.response_timeout` ({PROXY['response_timeout']} here) by design, because llama-server sends none while "
@@ -176,27 +178,38 @@ def _most_waiting(run: Run) -> int:
 def _view_at(run: Run, model: str, seconds: float) -> str:
     """The router's view of a model's endpoints at `seconds` since the start, from the polled changes."""
     view: dict[str, str] = {}
-    for t, name, status, _ in run.watch.changes:
+    for t, name, status, detail in run.watch.changes:
         if t <= seconds and run.timeline.models.get(name) == model:
-            view[name] = status
+            view[name] = f"{status} ({detail})" if detail else status
     return ", ".join(f"{name} {status}" for name, status in sorted(view.items()))
 
 
 def _failures(run: Run) -> list[str]:
-    bad = [(r, v) for r, v in zip(run.results, run.verdicts, strict=True) if v in UNEXPLAINED]
+    """Unexplained failures in incidents (none more than INCIDENT_GAP apart), each with an example."""
+    bad = sorted((r for r, v in zip(run.results, run.verdicts, strict=True) if v in UNEXPLAINED), key=lambda r: r.ended)
     if not bad:
         return []
+    incidents: list[list[Result]] = [[bad[0]]]
+    for r in bad[1:]:
+        if r.ended - incidents[-1][-1].ended > INCIDENT_GAP:
+            incidents.append([])
+        incidents[-1].append(r)
     t0 = run.watch.started
     lines = [
-        f"Unexplained failures (first {SHOWN_FAILURES} of {len(bad)}; times in seconds since the start):",
+        f"Unexplained failures: {len(bad)}, in {len(incidents)} incidents (times in seconds since the start):",
         "",
-        "| verdict | kind | model | sent | ended | status | endpoint | code | message | router's view then |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
+        "| from | to | requests | status and code | an example | router's view at its end |",
+        "| ---: | ---: | ---: | --- | --- | --- |",
     ]
-    for r, v in bad[:SHOWN_FAILURES]:
-        message = r.message.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {v} | {r.kind} | {r.model} | {r.sent - t0:.2f} | {r.ended - t0:.2f} | {r.status} "
-                     f"| {r.endpoint} | {r.code} | {message} | {_view_at(run, r.model, r.ended - t0)} |")  # fmt: skip
+    for group in incidents:
+        first = group[0]
+        codes = Counter(f"{r.status} {r.code}" for r in group)
+        example = f"{first.kind} {first.model} at {first.endpoint or '-'}: {first.message}".replace("|", "\\|")
+        lines.append(
+            f"| {group[0].sent - t0:.2f} | {group[-1].ended - t0:.2f} | {len(group)} "
+            f"| {', '.join(f'{n}x {c}' for c, n in codes.items())} | {example} "
+            f"| {_view_at(run, first.model, first.ended - t0)} |"
+        )
     lines += ["", "What the adversary did (seconds since the start):", ""]
     lines += [f"- {a.start - t0:.2f}-{a.end - t0:.2f} {a.kind} {a.endpoint} {a.detail}".rstrip()
               for a in sorted(run.timeline.actions, key=lambda a: a.start)]  # fmt: skip

@@ -4,8 +4,8 @@ An endpoint is *settled* once `settle` seconds have passed since its last fault
 ended (a killed endpoint's fault ends when it has reloaded): by then the router
 has had time to bring it back (offline backoff, then two good probes). A hang
 lingers `linger` seconds more: a request it held gets no headers until the
-router's `response_timeout`, and that late timeout still takes the endpoint
-out of rotation. A model is *down* while none of its endpoints is settled.
+router's `response_timeout`, and that late timeout takes the endpoint out of
+rotation unless the endpoint has answered a request well since. A model is *down* while none of its endpoints is settled.
 Every time is `time.monotonic()`, the clock the clients stamp their requests with.
 """
 

@@ -76,12 +76,13 @@ class Leftover:
     router_queued: int
     sim_busy_slots: int
     sim_waiting: int
+    sim_unread: int  # endpoints whose /slots did not answer 200
     waited: float  # seconds the harness waited for quiet
 
     @property
     def total(self) -> int:
         return (self.router_in_flight + self.router_busy_slots + self.router_queued + self.sim_busy_slots
-                + self.sim_waiting)  # fmt: skip
+                + self.sim_waiting + self.sim_unread)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def criteria(
         Criterion("no slot left busy after the run, on either side",
                   f"router: {leftover.router_in_flight} in flight, {leftover.router_busy_slots} busy slots, "
                   f"{leftover.router_queued} queued; emulator: {leftover.sim_busy_slots} busy slots, "
-                  f"{leftover.sim_waiting} waiting", leftover.total == 0),
+                  f"{leftover.sim_waiting} waiting, {leftover.sim_unread} unread", leftover.total == 0),
         Criterion(f"router memory grew less than {MEMORY_GROWTH_LIMIT:.0%} after warm-up",
                   f"{memory.warm / 1024:.1f} MiB -> {memory.end / 1024:.1f} MiB ({memory.growth:+.1%})",
                   memory.growth < MEMORY_GROWTH_LIMIT),
