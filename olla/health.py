@@ -9,6 +9,7 @@ probe: probing at once would let an endpoint that fails requests but answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -35,6 +36,14 @@ async def check(registry: Registry, upstream: Upstream, endpoint: Endpoint, prof
 
 
 async def run(registry: Registry, upstream: Upstream, endpoint: Endpoint, profile: Profile, metrics: Metrics) -> None:
+    """Probe on the endpoint's schedule; an offline endpoint's backoff ends early when requests need it."""
+    wanted = registry.probe_event(endpoint)
     while True:
         await check(registry, upstream, endpoint, profile, metrics)
-        await asyncio.sleep(endpoint.next_probe_in())
+        wanted.clear()
+        delay = endpoint.next_probe_in()
+        soonest = min(delay, endpoint.config.check_interval)
+        await asyncio.sleep(soonest)
+        if delay > soonest and not wanted.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wanted.wait(), delay - soonest)

@@ -109,7 +109,11 @@ class Proxy:
             plan.keys = keys_for(pool.model, route.path, document, session)
             name = self.affinity.find(plan.keys, time.monotonic()) if plan.keys else None
             plan.preferred = self.registry.endpoints.get(name) if name else None
-        return await self._attempts(request, exchange, plan)
+        try:
+            return await self._attempts(request, exchange, plan)
+        except NoHealthyEndpoint:
+            self.registry.probe_soon(pool)  # demand: an endpoint backing off its probes may be back already
+            raise
 
     def _route(self, profile: Profile, path: str, request: web.Request) -> Route:
         route = profile.route(path)

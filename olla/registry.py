@@ -74,6 +74,7 @@ class Wakeups:
 
     discover: asyncio.Event = field(default_factory=asyncio.Event)
     recount: asyncio.Event = field(default_factory=asyncio.Event)
+    probe: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Registry:
@@ -132,6 +133,17 @@ class Registry:
     def recount_event(self, endpoint: Endpoint) -> asyncio.Event:
         """Set when the endpoint's /slots should be read again soon (`recount`)."""
         return self._wakeups[endpoint].recount
+
+    def probe_event(self, endpoint: Endpoint) -> asyncio.Event:
+        """Set when the endpoint should be probed as soon as its `check_interval` allows (`probe_soon`)."""
+        return self._wakeups[endpoint].probe
+
+    def probe_soon(self, pool: Pool) -> None:
+        """Requests found no healthy endpoint in the pool: its offline members stop backing off their probes."""
+        for endpoint in pool.members:
+            wakeups = self._wakeups.get(endpoint)
+            if wakeups is not None and endpoint.health is Health.OFFLINE:
+                wakeups.probe.set()
 
     def recount(self, endpoint: Endpoint) -> None:
         """A request waits while the endpoint's slots are busy with other clients: have that checked soon."""

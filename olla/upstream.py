@@ -94,6 +94,9 @@ class Upstream:
                         method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
                     )
                 break
+            except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too, but it says the endpoint is out of reach
+                raise UpstreamUnreachable(f"endpoint {endpoint.name} accepted no connection within "
+                                          f"{self.config.connection_timeout:g}s") from exc  # fmt: skip
             except TimeoutError as exc:
                 raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
             except aiohttp.ClientConnectorError as exc:

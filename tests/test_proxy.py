@@ -146,6 +146,19 @@ async def test_every_endpoint_down_answers_503_at_once(start_sims, make_router, 
     assert elapsed < 0.5, elapsed
 
 
+async def test_a_request_that_finds_no_endpoint_ends_an_offline_endpoints_probe_backoff(start_sims, make_router) -> None:
+    (a,) = await start_sims(fast())
+    client = await make_router([ep("a", a, check_interval="200ms")])
+    endpoint = client.app[REGISTRY].endpoints["a"]
+    a.set_fault("refuse")
+    await until(lambda: endpoint.next_probe_in() >= 3.2, 10.0)  # 0.2 s doubled after each failed probe
+    a.clear_faults()
+    assert (await post(client, chat())).status == 503  # the router still knows it as offline
+    asked = time.monotonic()
+    await until(lambda: endpoint.routable, 5.0)
+    assert time.monotonic() - asked < 1.5  # a probe at once, one more to confirm; not 3.2 s of backoff
+
+
 async def test_an_attempt_limit_that_leaves_a_healthy_endpoint_keeps_the_attempts_own_error(
     start_sims, make_router
 ) -> None:
