@@ -41,14 +41,31 @@ class Admission:
         self, config: ServerConfig, metrics: Metrics, open_paths: frozenset[str], status_paths: frozenset[str],
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
-        self.clients = Clients((k.key, k.client) for k in config.auth.api_keys)
-        self.protect_status = config.auth.protect_status
-        self.limits = config.rate_limits
-        self.limiter = RateLimiter(config.rate_limits, clock())
-        self.cors = CorsPolicy(config.cors) if config.cors.enabled else None
         self.metrics = metrics
         self.open_paths, self.status_paths = open_paths, status_paths
         self.clock, self.wall = clock, wall
+        self.config = config
+        self._auth(config)
+        self._rate_limits(config)
+        self._cors(config)
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Follow a reloaded `server` section; an unchanged section keeps its state (rate-limit buckets)."""
+        for section, build in (("auth", self._auth), ("rate_limits", self._rate_limits), ("cors", self._cors)):
+            if getattr(config, section) != getattr(self.config, section):
+                build(config)
+        self.config = config
+
+    def _auth(self, config: ServerConfig) -> None:
+        self.clients = Clients((k.key, k.client) for k in config.auth.api_keys)
+        self.protect_status = config.auth.protect_status
+
+    def _rate_limits(self, config: ServerConfig) -> None:
+        self.limits = config.rate_limits
+        self.limiter = RateLimiter(config.rate_limits, self.clock())
+
+    def _cors(self, config: ServerConfig) -> None:
+        self.cors = CorsPolicy(config.cors) if config.cors.enabled else None
 
     def admit(self, request: web.Request) -> web.Response | None:
         """The answer to a preflight, or None to go on; raises AuthenticationFailed or RateLimited."""

@@ -24,7 +24,7 @@ from aiohttp import web
 from olla import admission, discovery, health
 from olla.admission import Admission
 from olla.balancer import BALANCERS
-from olla.config import Config, ServerConfig, load_config
+from olla.config import Config, load_config
 from olla.endpoint import Endpoint
 from olla.errors import ConfigError
 from olla.exchange import Traffic
@@ -159,8 +159,6 @@ NEEDS_RESTART: dict[str, Callable[[Config], object]] = {
     "server.port": lambda c: c.server.port,
     "profiles_dir": lambda c: c.profiles,
 }
-# What Admission builds from each `server` section; a changed section's parts are taken from one built anew.
-ADMISSION_PARTS = {"auth": ("clients", "protect_status"), "rate_limits": ("limits", "limiter"), "cors": ("cors",)}
 
 
 async def reload(app: web.Application, path: str | Path) -> bool:
@@ -194,7 +192,7 @@ def apply(app: web.Application, config: Config) -> None:
     names = change.names()
     app[METRICS].declare(names["added"])
     proxy.configure(config)
-    _readmit(app[ADMISSION], running.server, config.server, app[METRICS])
+    app[ADMISSION].reconfigure(config.server)
     intervals = (config.discovery.model_discovery_interval, config.discovery.slots_interval)
     restart_all = intervals != (running.discovery.model_discovery_interval, running.discovery.slots_interval)
     for endpoint in list(monitors.tasks) if restart_all else change.removed:
@@ -217,13 +215,3 @@ def _requeue(queue: SlotQueue, registry: Registry, gone: list[Endpoint]) -> None
     for endpoint in registry:
         if endpoint.routable:  # not every pool: one of endpoints not probed yet would turn its waiters away
             queue.wake(endpoint)
-
-
-def _readmit(gate: Admission, old: ServerConfig, new: ServerConfig, metrics: Metrics) -> None:
-    changed = [section for section in ADMISSION_PARTS if getattr(old, section) != getattr(new, section)]
-    if not changed:
-        return  # rate-limit buckets carry on
-    fresh = Admission(new, metrics, gate.open_paths, gate.status_paths, gate.clock, gate.wall)
-    for section in changed:
-        for part in ADMISSION_PARTS[section]:
-            setattr(gate, part, getattr(fresh, part))
