@@ -31,7 +31,7 @@ from olla.exchange import Traffic
 from olla.exchange import middleware as exchange_middleware
 from olla.metrics import Metrics
 from olla.proxy import Proxy
-from olla.registry import Pool, Registry
+from olla.registry import Registry
 from olla.slotqueue import SlotQueue
 from olla.status import LoadedConfig, Status
 from olla.upstream import KEEPALIVE, Upstream
@@ -199,19 +199,8 @@ def apply(app: web.Application, config: Config) -> None:
         monitors.stop(endpoint)
     for endpoint in list(registry) if restart_all else change.added:
         monitors.start(endpoint, config, proxy.upstream)
-    _requeue(app[QUEUE], registry, [e for e in change.removed if e.name in names["removed"]])
+    app[QUEUE].follow(list(registry), [e for e in change.removed if e.name in names["removed"]])
     loaded.swap(config)
     log.info("config reloaded", extra={"source": config.source, "sha256": config.sha256, **names})
     if restart:
         log.warning("config keys changed that take effect only after a restart", extra={"keys": restart})
-
-
-def _requeue(queue: SlotQueue, registry: Registry, gone: list[Endpoint]) -> None:
-    """Requests waiting for a slot follow the endpoints now registered under their pool's names."""
-    for endpoint in gone:
-        queue.wake(endpoint)  # with the pools as they were: a wait for a model nothing serves now ends at once
-    for names, waitlist in queue.waitlists.items():
-        waitlist.pool = Pool(waitlist.pool.model, tuple(e for e in registry if e.name in names))
-    for endpoint in registry:
-        if endpoint.routable:  # not every pool: one of endpoints not probed yet would turn its waiters away
-            queue.wake(endpoint)

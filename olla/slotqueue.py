@@ -141,6 +141,16 @@ class SlotQueue:
             self.holds_expired += expired
             self.release(endpoint)
 
+    def follow(self, endpoints: Sequence[Endpoint], gone: Sequence[Endpoint] = ()) -> None:
+        """After a reload: waiters follow the endpoints now registered under their pool's names."""
+        for endpoint in gone:
+            self.wake(endpoint)  # with the pools as they were: a wait for a model nothing serves now ends at once
+        for names, waitlist in self.waitlists.items():
+            waitlist.pool = Pool(waitlist.pool.model, tuple(e for e in endpoints if e.name in names))
+        for endpoint in endpoints:
+            if endpoint.routable:  # not every pool: one of endpoints not probed yet would turn its waiters away
+                self.wake(endpoint)
+
     def wake(self, endpoint: Endpoint | None = None) -> None:
         """Capacity may have appeared (on `endpoint`, or anywhere): serve waiters in arrival order."""
         for waitlist in list(self.waitlists.values()):
