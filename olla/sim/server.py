@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,9 +29,11 @@ from olla.sim.faults import LISTENER_FAULTS, Fault
 from olla.sim.state import STATE, State, json_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("olla.sim")
 PUBLIC_PATHS = ("/health", "/v1/health")
 ADMIN_PREFIX = "/_sim/"
 MAX_BODY_BYTES = 64 * 1024 * 1024  # long prompts; aiohttp's default 1 MiB would answer its own 413
+REBIND_RETRY = 0.05  # seconds between attempts to listen again after a crash or refuse clears
 KEEPALIVE_SECONDS = 5.0  # llama-server's cpp-httplib drops idle connections after 5 s
 
 
@@ -172,11 +175,17 @@ class SimServer:
         self._listener = listener
 
     def _listen_again(self) -> None:
-        if self._runner is None or self._sock is not None:
+        if self._runner is None or self._sock is not None or any(n in self.state.faults for n in LISTENER_FAULTS):
             return
+        loop = asyncio.get_running_loop()
         # Bind and listen now, so connections made right after this call wait in the backlog.
-        self._sock = _bind(self._host, self._port)
-        self._serving = asyncio.get_running_loop().create_task(self._serve(self._sock))
+        try:
+            self._sock = _bind(self._host, self._port)
+        except OSError as exc:  # e.g. the port taken meanwhile as some client's ephemeral port: try again shortly
+            log.warning("cannot listen again, retrying", extra={"port": self._port, "error": str(exc)})
+            loop.call_later(REBIND_RETRY, self._listen_again)
+            return
+        self._serving = loop.create_task(self._serve(self._sock))
 
     def _close_listener(self) -> None:
         if self._listener is not None:
