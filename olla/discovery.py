@@ -10,7 +10,6 @@ still routes by its model list).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from olla.endpoint import Discovery, Endpoint
 from olla.errors import UpstreamError
 from olla.profiles import Profile
-from olla.registry import Registry
+from olla.registry import Registry, pause
 from olla.upstream import Upstream
 
 log = logging.getLogger("olla.discovery")
@@ -124,11 +123,7 @@ async def run_slots(registry: Registry, upstream: Upstream, endpoint: Endpoint, 
     recount = registry.recount_event(endpoint)
     while True:
         wait = interval * (UNREADABLE_BACKOFF if endpoint.slots.readable is False else 1)
-        # Requests waiting on other clients' load read /slots again sooner, but never within RECOUNT_GAP.
-        await asyncio.sleep(min(wait, RECOUNT_GAP))
-        if wait > RECOUNT_GAP and not recount.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(recount.wait(), wait - RECOUNT_GAP)
+        await pause(wait, RECOUNT_GAP, recount)  # sooner when requests wait on other clients' load
         recount.clear()
         if not endpoint.routable:
             continue

@@ -8,15 +8,13 @@ probe: probing at once would let an endpoint that fails requests but answers
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
 from olla.endpoint import Endpoint
 from olla.metrics import Metrics
 from olla.profiles import Profile
-from olla.registry import Registry
+from olla.registry import Registry, pause
 from olla.upstream import Upstream
 
 log = logging.getLogger("olla.health")
@@ -41,9 +39,4 @@ async def run(registry: Registry, upstream: Upstream, endpoint: Endpoint, profil
     while True:
         await check(registry, upstream, endpoint, profile, metrics)
         wanted.clear()
-        delay = endpoint.next_probe_in()
-        soonest = min(delay, endpoint.config.check_interval)
-        await asyncio.sleep(soonest)
-        if delay > soonest and not wanted.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wanted.wait(), delay - soonest)
+        await pause(endpoint.next_probe_in(), endpoint.config.check_interval, wanted)

@@ -17,6 +17,7 @@ requests in flight on it finish, since they hold its object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,15 @@ class Change:
         return {"added": sorted(e.name for e in self.added if e.name not in replaced),
                 "removed": sorted(e.name for e in self.removed if e.name not in replaced),
                 "replaced": sorted(replaced), "updated": list(self.updated)}  # fmt: skip
+
+
+async def pause(delay: float, floor: float, wake: asyncio.Event) -> None:
+    """Wait `delay` seconds, or only `floor` of them when `wake` is set meanwhile (or already)."""
+    soonest = min(delay, floor)
+    await asyncio.sleep(soonest)
+    if delay > soonest and not wake.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), delay - soonest)
 
 
 @dataclass(frozen=True)

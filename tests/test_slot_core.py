@@ -160,13 +160,18 @@ async def test_a_waiter_is_passed_over_for_affinity_a_bounded_number_of_times() 
     newcomer.cancel()
 
 
-async def test_a_finished_turn_keeps_its_slot_for_the_conversations_next_turn() -> None:
+def one_busy_slot(hold: float) -> tuple[Endpoint, Pool, SlotQueue, bytes]:
+    """An endpoint whose only slot a conversation's first turn holds, its pool, a queue, and that turn's key."""
     a = endpoint("a", 1, busy=1)
     a.health = Health.HEALTHY
-    pool, queue = Pool("m", (a,)), SlotQueue(SlotAware(), 10, 5.0, Metrics(), hold=5.0)
-    first = keys_for("m", "/v1/chat/completions", chat("hi"), None)
-    assert first is not None and first.record is not None
-    queue.release(a, hold_for=first.record)
+    keys = keys_for("m", "/v1/chat/completions", chat("hi"), None)
+    assert keys is not None and keys.record is not None
+    return a, Pool("m", (a,)), SlotQueue(SlotAware(), 10, 5.0, Metrics(), hold=hold), keys.record
+
+
+async def test_a_finished_turn_keeps_its_slot_for_the_conversations_next_turn() -> None:
+    a, pool, queue, first = one_busy_slot(hold=5.0)
+    queue.release(a, hold_for=first)
     assert a.slots.free == 0 and len(queue.holds) == 1  # kept, not handed to a newcomer
     stranger = await waiting(queue, pool, None)
     following = keys_for("m", "/v1/chat/completions", chat("hi", "hello", "more"), None)
@@ -176,19 +181,15 @@ async def test_a_finished_turn_keeps_its_slot_for_the_conversations_next_turn() 
 
 
 async def test_a_hold_nobody_takes_expires_and_serves_the_queue() -> None:
-    a = endpoint("a", 1, busy=1)
-    a.health = Health.HEALTHY
-    pool, queue = Pool("m", (a,)), SlotQueue(SlotAware(), 10, 5.0, Metrics(), hold=0.05)
-    keys = keys_for("m", "/v1/chat/completions", chat("hi"), None)
-    assert keys is not None and keys.record is not None
+    a, pool, queue, record = one_busy_slot(hold=0.05)
     loop = asyncio.get_running_loop()
     released = loop.time()
-    queue.release(a, hold_for=keys.record)
+    queue.release(a, hold_for=record)
     stranger = await waiting(queue, pool, None)
     assert await stranger is a
     assert loop.time() - released >= 0.05 and queue.holds_expired == 1
     queue.hold = 0  # off: a finished turn gives its slot straight back
-    queue.release(a, hold_for=keys.record)
+    queue.release(a, hold_for=record)
     assert a.slots.free == 1 and not queue.holds
 
 
