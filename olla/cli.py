@@ -10,57 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-import orjson
-
 from olla import __version__
 from olla.errors import ConfigError
+from olla.logs import setup_logging
 
 log = logging.getLogger("olla")
-RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and every `extra` field."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage()}  # fmt: skip
-        entry.update((k, v) for k, v in vars(record).items() if k not in RECORD_FIELDS)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        try:
-            return orjson.dumps(entry, default=str).decode()
-        except TypeError:  # a lone surrogate (a client's undecodable byte): escaped, rather than the line lost
-            return json.dumps(entry, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={_text(v)}" for k, v in vars(record).items() if k not in RECORD_FIELDS)
-        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        return f"{line} {extra}".rstrip()
-
-
-def _text(value: object) -> str:
-    """A field value on one line: a client's path may hold a decoded newline that would forge a log line."""
-    text = str(value)
-    return text if text.isprintable() else repr(text)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]

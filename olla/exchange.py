@@ -18,12 +18,11 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from olla import __version__
+from olla import __version__, logs
 from olla.clients import ANONYMOUS
 from olla.errors import MethodNotAllowed, RequestFailed, RouteNotFound, ShuttingDown
 from olla.metrics import Metrics
 
-access_log = logging.getLogger("olla.access")
 log = logging.getLogger("olla.exchange")
 VIA = f"1.1 olla/{__version__}"
 REQUEST_ID_LIMIT = 128
@@ -152,15 +151,12 @@ def finish(exchange: Exchange, request: web.Request, metrics: Metrics) -> None:
     now = time.monotonic()
     metrics.answered(exchange.endpoint or "", exchange.model_id or "", exchange.route, exchange.status,
                      exchange.client or ANONYMOUS, now - exchange.started)  # fmt: skip
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "request",
-            extra={
-                "request_id": exchange.request_id, "method": request.method, "path": request.path,
-                "client": exchange.client, "model": exchange.model, "endpoint": exchange.endpoint,
-                "status": exchange.status,
-                "bytes": exchange.bytes_sent, "ms": round(exchange.elapsed_ms(now), 1),
-                "ttfb_ms": round(exchange.ttfb * 1000, 1) if exchange.ttfb is not None else None,
-                "attempts": exchange.attempts,
-            },
-        )  # fmt: skip
+    if logs.access.stream is not None:
+        logs.access.write({
+            "request_id": exchange.request_id, "method": request.method, "path": request.path,
+            "client": exchange.client, "model": exchange.model, "endpoint": exchange.endpoint,
+            "status": exchange.status,
+            "bytes": exchange.bytes_sent, "ms": round(exchange.elapsed_ms(now), 1),
+            "ttfb_ms": round(exchange.ttfb * 1000, 1) if exchange.ttfb is not None else None,
+            "attempts": exchange.attempts,
+        })  # fmt: skip

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 
+from olla import logs
 from tests.llamacpp import LlamaServers, LlamaServerUnavailable, ServerSpec, binary, tiny_model
 from tests.simkit import SimServers, StartSim, StartSims, sim_client
 
@@ -100,3 +104,14 @@ def make_router(aiohttp_client):  # type: ignore[no-untyped-def]
         return client
 
     return make
+
+
+@pytest.fixture
+def access_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """The access log turned on (JSON, into memory); call it for the lines written so far, parsed."""
+    stream = io.StringIO()
+    logs.access.configure(stream, "info", "json")
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        logs.access.configure(None)

@@ -112,7 +112,7 @@ def test_demo_routes_a_chat_and_drains_on_sigterm() -> None:
 def test_json_log_lines_carry_the_extra_fields() -> None:
     import logging
 
-    from olla.cli import JsonFormatter
+    from olla.logs import JsonFormatter
 
     record = logging.LogRecord("olla.access", logging.INFO, __file__, 1, "request", None, None)
     record.request_id, record.status = "r1", 200

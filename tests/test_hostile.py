@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from olla import proxy
 from olla.app import REGISTRY
-from olla.cli import JsonFormatter, TextFormatter
+from olla.logs import AccessLog, JsonFormatter, TextFormatter
 from olla.listener import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Listener
 from tests.rawhttp import Answer, read_answer, request, send, serving
 from tests.routerkit import CHAT, chat, ep, fast
@@ -329,7 +330,7 @@ async def test_a_crash_in_a_handler_is_a_json_500_with_its_traceback_logged(capl
 # --- secrets -----------------------------------------------------------------------------
 
 
-async def test_endpoint_headers_never_show_in_answers_status_metrics_or_logs(start_sims, caplog) -> None:
+async def test_endpoint_headers_never_show_in_answers_status_metrics_or_logs(start_sims, caplog, access_lines) -> None:
     caplog.set_level(logging.DEBUG)
     secret, other = "Bearer sk-endpoint-secret-1", "sk-endpoint-secret-2"
     keyed, wrong = await start_sims(fast(api_key="sk-endpoint-secret-1"), fast(api_key="another-key"))
@@ -360,6 +361,7 @@ async def test_endpoint_headers_never_show_in_answers_status_metrics_or_logs(sta
                      "/olla/llamacpp/v1/models", "/metrics", "/internal/health"):  # fmt: skip
             assert (await ask(request("GET", path))).status == 200
     text = b"\n".join(seen) + "\n".join(JsonFormatter().format(r) for r in caplog.records).encode()
+    text += orjson.dumps(access_lines())
     assert b"answered 401" in text and b"upstream_error" in text  # the run met the errors it should
     assert b"sk-endpoint-secret" not in text
 
@@ -372,3 +374,18 @@ def test_a_client_string_in_a_log_line_cannot_forge_or_lose_the_line() -> None:
     assert "\n" not in text and "path='/x\\n12:00:00 ERROR" in text
     line = JsonFormatter().format(record)
     assert "\n" not in line and orjson.loads(line.replace("\\udcff", "?"))["path"] == record.path
+
+
+def test_the_access_log_keeps_a_client_string_on_its_line() -> None:
+    fields = {"path": "/x\n12:00:00 ERROR   olla: forged", "model": "\udcff", "status": 200}
+    for fmt in ("text", "json"):
+        stream = io.StringIO()
+        access = AccessLog()
+        access.configure(stream, "info", fmt)
+        access.write(fields)
+        (line,) = stream.getvalue().splitlines()
+        assert "olla.access" in line and "status" in line and "forged" in line, line
+    assert orjson.loads(line.replace("\\udcff", "?"))["path"] == fields["path"]
+    access.configure(stream, "warning", "json")
+    access.write(fields)
+    assert len(stream.getvalue().splitlines()) == 1  # below the configured level: not written

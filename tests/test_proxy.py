@@ -331,19 +331,17 @@ async def test_status_and_metrics_describe_the_fleet(start_sims, make_router) ->
     assert "olla_upstream_ttfb_seconds_bucket" in metrics and "olla_health_check_duration_seconds_count" in metrics
 
 
-async def test_one_access_log_line_per_request_with_its_facts(start_sims, make_router, caplog) -> None:
+async def test_one_access_log_line_per_request_with_its_facts(start_sims, make_router, access_lines) -> None:
     (a,) = await start_sims(fast())
     client = await make_router([ep("a", a)])
-    with caplog.at_level("INFO", logger="olla.access"):
-        await post(client, chat(), headers={"X-Request-Id": "abc-1"})
-        await post(client, chat("ghost"))
-    lines = [r for r in caplog.records if r.name == "olla.access"]
-    assert len(lines) == 2
-    ok, missing = lines
-    assert (ok.request_id, ok.method, ok.path, ok.model, ok.endpoint, ok.status, ok.attempts) == (
-        "abc-1", "POST", "/olla/llamacpp/v1/chat/completions", CHAT, "a", 200, 1)
-    assert ok.bytes > 0 and ok.ms >= ok.ttfb_ms > 0
-    assert (missing.status, missing.endpoint, missing.attempts) == (404, None, 0)
+    await post(client, chat(), headers={"X-Request-Id": "abc-1"})
+    await post(client, chat("ghost"))
+    ok, missing = access_lines()
+    facts = ("logger", "message", "request_id", "method", "path", "model", "endpoint", "status", "attempts")
+    assert tuple(ok[k] for k in facts) == (
+        "olla.access", "request", "abc-1", "POST", "/olla/llamacpp/v1/chat/completions", CHAT, "a", 200, 1)
+    assert ok["bytes"] > 0 and ok["ms"] >= ok["ttfb_ms"] > 0
+    assert (missing["status"], missing["endpoint"], missing["attempts"]) == (404, None, 0)
 
 
 async def test_a_wrong_method_on_olla_s_own_routes_is_a_405_naming_the_allowed_ones(start_sims, make_router) -> None:
