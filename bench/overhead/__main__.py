@@ -2,10 +2,11 @@
 
     .venv/bin/python -m bench.overhead [--rounds 3] [--seconds 5] [--connections 1,16,64] [--streams 1000]
 
-Needs Debian's nginx and wrk (apt-get install -y nginx wrk). Three scenarios:
-throughput (wrk, interleaved rounds), many streams (1,000 slow streams, added
-per-chunk delay, the router's memory and CPU) and startup (20 endpoints, spawn
-to first routed 200). Writes bench/results/overhead.md (or --output).
+Needs Debian's nginx and wrk (apt-get install -y nginx wrk). Four scenarios:
+throughput (wrk, interleaved rounds), floors (olla against a bare aiohttp proxy
+and a bare asyncio one), many streams (1,000 slow streams, added per-chunk
+delay, the router's memory and CPU) and startup (20 endpoints, spawn to first
+routed 200). Writes bench/results/overhead.md (or --output).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, require
-from bench.overhead import startup, streams, throughput
+from bench.overhead import floors, startup, streams, throughput
 
 CHAT_RATIO = 0.15
 ADDED_P50_MS, ADDED_P99_MS = 0.35, 2.0
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--stream-seconds", type=float, default=15, help="measuring window of one streams round")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between an emulated stream's chunks")
     parser.add_argument("--startups", type=int, default=5)
-    parser.add_argument("--skip", default="", help="comma-separated: throughput, streams, startup")
+    parser.add_argument("--skip", default="", help="comma-separated: throughput, floors, streams, startup")
     parser.add_argument("--output", type=Path, default=RESULTS / "overhead.md")
     args = parser.parse_args()
     require("nginx", "wrk")
@@ -118,6 +119,22 @@ def main() -> None:
                 f"process per 1,000 requests. olla wrote {result.log_lines} access-log lines.",
                 "",
                 *throughput.table(result),
+                "",
+            ]  # fmt: skip
+        if "floors" not in skip:
+            levels = [c for c in (1, 16) if str(c) in args.connections.split(",")] or [1]
+            result = floors.run(args.rounds, args.seconds, levels, Path(directory) / "floors.log")
+            loads.append(f"after floors: {load()}")
+            body += [
+                "## The floor: olla against proxies with no logic",
+                "",
+                "The non-streaming chat through two reference proxies (bench/overhead/floors.py), interleaved with "
+                f"direct, the nginx proxy and olla ({args.rounds} rounds of {args.seconds:g} s, medians): *aiohttp* "
+                "is a bare `web.Application` with one handler and one `ClientSession` on uvloop, the HTTP stack olla "
+                "is built on; *asyncio* is HTTP/1.1 keep-alive on asyncio protocols (uvloop), Content-Length bodies "
+                "only. Neither routes, adds headers, counts or logs.",
+                "",
+                *floors.table(result, levels),
                 "",
             ]  # fmt: skip
         if "streams" not in skip:
