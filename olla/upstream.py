@@ -62,13 +62,13 @@ NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    connection_listed = {h.strip().lower() for h in upstream.get("connection", "").split(",")}
-    return CIMultiDict(
-        (k, v)
-        for k, v in upstream.items()
-        if k.lower() not in HOP_BY_HOP and k.lower() not in connection_listed
-        and not k.lower().startswith(NOT_RELAYED_PREFIXES)
-    )
+    dropped = HOP_BY_HOP | {h.strip().lower() for h in upstream.get("connection", "").split(",")}
+    relayed: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered not in dropped and not lowered.startswith(NOT_RELAYED_PREFIXES):
+            relayed.add(name, value)
+    return relayed
 
 
 class Upstream:
