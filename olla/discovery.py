@@ -90,7 +90,8 @@ async def run(registry: Registry, upstream: Upstream, endpoint: Endpoint, profil
     wanted = registry.discovery_event(endpoint)
     while True:
         try:
-            await asyncio.wait_for(wanted.wait(), timeout=interval)
+            async with asyncio.timeout(interval):  # not wait_for: see registry.pause
+                await wanted.wait()
         except TimeoutError:
             if not endpoint.routable:
                 continue

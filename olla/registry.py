@@ -74,8 +74,10 @@ async def pause(delay: float, floor: float, wake: asyncio.Event) -> None:
     soonest = min(delay, floor)
     await asyncio.sleep(soonest)
     if delay > soonest and not wake.is_set():
+        # Not asyncio.wait_for: on 3.11 it loses a cancel that comes as `wake` is set, and shutdown waits out `delay`.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), delay - soonest)
+            async with asyncio.timeout(delay - soonest):
+                await wake.wait()
 
 
 @dataclass(frozen=True)
