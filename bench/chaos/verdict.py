@@ -5,7 +5,10 @@ A request that got no response body (status 0 or >= 500, other than 503
 model was down at some time while it ran (see timeline), and, by design, for a
 504 `backend_timeout` while an endpoint of its model was hung: on a route that
 takes a slot the router waits for headers up to `proxy.response_timeout`
-(docs/routing.md, "The rule for silence before headers"). Any other such
+(docs/routing.md, "The rule for silence before headers"). The hung endpoint is
+any one the error names, not only one that timed out: a hang that ends in a
+kill drops the waiting attempt, and the next endpoint gets what is left of the
+deadline. Any other such
 failure had a healthy candidate to go to. A 200 whose body ended early (an SSE
 `error` event, no `[DONE]`, a dropped connection) was cut mid-stream; it is
 explained only when the endpoint named in `X-Olla-Endpoint` was killed, hung or
@@ -35,7 +38,7 @@ VERDICTS = (OK, SLOTS_EXHAUSTED, RATE_LIMITED, DOWN, HUNG, FAILED, CUT, CUT_ELSE
 UNEXPLAINED = (FAILED, CUT_ELSEWHERE, OTHER)
 
 MEMORY_GROWTH_LIMIT = 0.10
-_TIMED_OUT_ON = re.compile(r"endpoint (\S+) sent no response headers")
+_NAMED = re.compile(r"\bendpoint (\S+) ")
 
 
 def classify(results: Iterable[Result], timeline: Timeline) -> list[str]:
@@ -59,7 +62,8 @@ def classify(results: Iterable[Result], timeline: Timeline) -> list[str]:
         if r.status == 504:
             # A stream's headers go out with its first token, so only a non-streamed request waits out hang_stream.
             kinds = {"hang_headers"} if r.kind == "stream" else HANGING
-            suspects = _TIMED_OUT_ON.findall(r.message) or members.get(r.model, [])
+            own = members.get(r.model, [])
+            suspects = [e for e in _NAMED.findall(r.message) if e in own] or own
             if any(timeline.hit(e, kinds, r.sent, r.ended) for e in suspects):
                 return HUNG
         return FAILED
