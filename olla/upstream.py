@@ -11,7 +11,10 @@ aiohttp pools a connection the moment a payload ends, often before any of our
 code runs, so a request that asks to stream is sent with `Connection: close`;
 pooled connections idle at most KEEPALIVE seconds; and a request that meets a
 pooled connection the endpoint already closed is sent again once on a fresh
-one (it never reached the endpoint).
+one (it never reached the endpoint). That failure comes at once; a connection
+dropped later (the endpoint crashed, or something in front of it gave up)
+dropped a request the endpoint had, and sending it there again could run it
+twice or wait out the deadline: that attempt fails, and the proxy fails over.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-
 REJECTED = frozenset((502, 503, 504))
 REJECTED_BODY_LIMIT = 64 * 1024
 KEEPALIVE = 4.0  # below llama-server's 5 s keep-alive timeout
+STALE = 0.25  # a pooled connection the endpoint had closed fails within this long of sending on it
 
 
 def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str | None, scheme: str) -> CIMultiDict[str]:
@@ -88,6 +92,7 @@ class Upstream:
         if streaming:
             headers["Connection"] = "close"
         for fresh in (False, True):
+            sent = time.monotonic()
             try:
                 async with asyncio.timeout_at(deadline):
                     response = await self.session.request(
@@ -103,7 +108,7 @@ class Upstream:
                 reason = exc.os_error.strerror or str(exc.os_error)
                 raise UpstreamUnreachable(f"endpoint {endpoint.name} is unreachable: {reason}") from exc
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if not fresh:
+                if not fresh and time.monotonic() - sent < STALE:
                     continue  # a pooled connection the endpoint had closed: once more on a new one
                 raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering: {exc}") from exc
             except aiohttp.ClientError as exc:

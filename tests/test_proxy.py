@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from olla.app import REGISTRY
+from olla.upstream import STALE
 from tests.routerkit import CHAT, chat, ep, fake_endpoint, fast, post, wait_until
 from tests.simkit import until
 
@@ -381,3 +382,16 @@ async def test_a_long_non_streaming_generation_is_not_cut_by_the_header_timeout(
     client = await make_router([ep("only", sim)], proxy={"header_timeout": "200ms"})
     r = await post(client, chat(tokens=30))  # headers only after about 0.6 s, when the generation is done
     assert r.status == 200 and r.headers["X-Olla-Routing-Decision"] == "routed"
+
+
+async def test_a_request_an_endpoint_dropped_while_it_waited_fails_over(start_sims, make_router) -> None:
+    dropping, spare = await start_sims(fast(), fast())
+    client = await make_router([ep("a-1", dropping, priority=200), ep("a-2", spare)], proxy={"response_timeout": "3s"})
+    dropping.set_fault("hang_headers")
+    request = asyncio.create_task(post(client, chat()))
+    await until(lambda: len(dropping.state.active) == 1)
+    await asyncio.sleep(STALE * 2)  # it waited there: not a pooled connection the endpoint had already closed
+    (connection,) = dropping.state.active
+    connection.abort()  # it reached the endpoint: sending it there again would run it twice
+    response = await request
+    assert response.status == 200 and response.headers["X-Olla-Endpoint"] == "a-2", await response.text()
