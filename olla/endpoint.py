@@ -162,12 +162,16 @@ class Endpoint:
             names.add(base_name(discovery.model_path))
         self._served = frozenset(names)
 
-    def record_outcome(self, outcome: Outcome, detail: str = "", now: float = 0.0, since: float | None = None) -> bool:
+    def record_outcome(
+        self, outcome: Outcome, detail: str = "", now: float = 0.0, since: float | None = None, conclusive: bool = True
+    ) -> bool:
         """Feed the passive breaker; True when this attempt ejected the endpoint.
 
         `since`: the failure tells of the endpoint as it was then (a timeout, at
         its attempt's start); a request that ended well after that is newer news,
-        so the failure counts but does not eject.
+        so the failure counts but does not eject. Not `conclusive`: the attempt
+        had too little time to tell anything of the endpoint, so it counts but
+        never ejects.
         """
         if outcome is Outcome.OK:
             self.breaker_failures = 0
@@ -175,7 +179,7 @@ class Endpoint:
             return False
         self.errors += 1
         self.breaker_failures += 1
-        if not self.routable or (since is not None and since < self.answered_at):
+        if not self.routable or not conclusive or (since is not None and since < self.answered_at):
             return False
         self.health = Health.OFFLINE if outcome is Outcome.UNREACHABLE else Health.UNHEALTHY
         self.detail = f"breaker: {detail}" if detail else "breaker"

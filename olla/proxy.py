@@ -194,11 +194,14 @@ class Proxy:
             except UpstreamError as exc:
                 self._leave(endpoint, plan)
                 outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE
-                since = sent if isinstance(exc, UpstreamTimeout) else None  # a timeout is old news
-                self.registry.record_outcome(endpoint, outcome, exc.message, since)
+                timeout = isinstance(exc, UpstreamTimeout)
+                since = sent if timeout else None  # a timeout is old news
+                # What earlier attempts left of the deadline is no measure of this endpoint: it counts, never ejects.
+                leftover = timeout and bool(failures) and headers_by == deadline
+                self.registry.record_outcome(endpoint, outcome, exc.message, since, conclusive=not leftover)
                 self.metrics.retries.labels(endpoint.name, exc.code).inc()
                 failures.append(exc)
-                if isinstance(exc, UpstreamTimeout) and time.monotonic() >= deadline:
+                if timeout and headers_by == deadline:  # not the clock: uvloop fires timers up to 1 ms early
                     break
                 continue
             except BaseException:

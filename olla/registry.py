@@ -126,8 +126,11 @@ class Registry:
         endpoint.record_discovery(discovery, now)
         self._signal_change(endpoint)
 
-    def record_outcome(self, endpoint: Endpoint, outcome: Outcome, detail: str = "", since: float | None = None) -> bool:
-        ejected = endpoint.record_outcome(outcome, detail, time.monotonic(), since)
+    def record_outcome(
+        self, endpoint: Endpoint, outcome: Outcome, detail: str = "", since: float | None = None,
+        conclusive: bool = True,
+    ) -> bool:  # fmt: skip
+        ejected = endpoint.record_outcome(outcome, detail, time.monotonic(), since, conclusive)
         if ejected:
             self._signal_change(endpoint)
         return ejected

@@ -159,3 +159,41 @@ async def test_a_request_held_by_a_hang_then_dropped_by_a_kill_is_explained(star
     t = timeline(("hang_headers", "a-1", sent - 1.0, killed), ("kill", "a-1", killed, ended + 1.0))
     seen = result(sent, ended, 504, code="backend_timeout", message=body["error"]["message"], kind="plain")
     assert classify([seen], t) == [HUNG]
+
+
+async def test_an_attempt_left_the_end_of_the_deadline_does_not_eject_its_endpoint(start_sims, make_router) -> None:
+    # Chaos seed 1: a plain request hung on code-2, then on code-1, each until it was killed, and reached code-3 with
+    # a millisecond of its deadline left; the timeout there took code-3, which was serving well, out of rotation.
+    hung, healthy = await start_sims(fast(), fast(decode_ms=200.0))
+    endpoints = [ep("a-1", hung, priority=200), ep("a-2", healthy)]
+    client = await make_router(endpoints, proxy={"response_timeout": "1500ms"})
+    hung.set_fault("hang_headers")
+    request = asyncio.create_task(post(client, chat(tokens=20)))
+    await until(lambda: len(hung.state.active) == 1)
+    await asyncio.sleep(0.5)
+    hung.set_fault("crash")
+    timed_out = await request
+    body = await timed_out.json()
+    assert timed_out.status == 504 and "endpoint a-2 sent no response headers in time" in body["error"]["message"], body
+    after = await post(client, chat(tokens=1))
+    assert after.status == 200, await after.text()  # not 503 no_healthy_endpoint: a-2 is still in rotation
+    assert after.headers["X-Olla-Endpoint"] == "a-2"
+    assert client.app[REGISTRY].endpoints["a-2"].errors == 1  # the breaker counted the timeout
+
+
+async def test_a_timeout_at_the_deadline_ends_the_request_even_when_the_loop_clock_runs_ahead(
+    start_sims, make_router, monkeypatch
+) -> None:
+    # Chaos seed 1: uvloop fired the deadline's timer a fraction of a millisecond before time.monotonic() reached
+    # it, so a request hung on code-1 went on to code-2 with nothing left, and the timeout there ejected code-2.
+    hung, healthy = await start_sims(fast(), fast(decode_ms=50.0))
+    endpoints = [ep("a-1", hung, priority=200), ep("a-2", healthy)]
+    client = await make_router(endpoints, proxy={"response_timeout": "1s"})
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "time", lambda: time.monotonic() + 0.002)
+    hung.set_fault("hang_headers")
+    timed_out = await post(client, chat())
+    body = await timed_out.json()
+    assert timed_out.status == 504 and "endpoint a-2" not in body["error"]["message"], body
+    a_2 = client.app[REGISTRY].endpoints["a-2"]
+    assert a_2.routable and a_2.requests == 0

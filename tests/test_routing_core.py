@@ -95,6 +95,13 @@ def test_a_timeout_older_than_a_success_counts_but_does_not_eject() -> None:
     assert e.record_outcome(Outcome.UNREACHABLE, "timed out", now=12.0, since=10.5) is True  # nothing good since
 
 
+def test_a_timeout_without_enough_time_to_tell_counts_but_does_not_eject() -> None:
+    e = Endpoint(cfg("a"))
+    e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
+    assert e.record_outcome(Outcome.UNREACHABLE, "timed out", now=11.0, since=10.9, conclusive=False) is False
+    assert e.routable and e.errors == 1
+
+
 def test_unreachable_attempt_marks_offline() -> None:
     e = Endpoint(cfg("a"))
     e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
