@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from olla.config import EndpointConfig
 from olla.endpoint import Discovery, Endpoint, Health, Outcome, Probe
 from olla.errors import ModelNotFound, ModelRequired, NoHealthyEndpoint
+
+log = logging.getLogger("olla.health")
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class Registry:
         ejected = endpoint.record_outcome(outcome, detail, time.monotonic(), since, conclusive)
         if ejected:
             self._signal_change(endpoint)
+            log.info("health changed", extra={"endpoint": endpoint.name, "from": Health.HEALTHY.value,
+                                              "to": endpoint.health.value, "detail": endpoint.detail})  # fmt: skip
         return ejected
 
     def record_slots(self, endpoint: Endpoint, listing: object, own_before: int) -> None:

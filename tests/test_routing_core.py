@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 
@@ -100,6 +101,17 @@ def test_a_timeout_without_enough_time_to_tell_counts_but_does_not_eject() -> No
     e.record_probe(Probe(Health.HEALTHY, 0.01), now=0)
     assert e.record_outcome(Outcome.UNREACHABLE, "timed out", now=11.0, since=10.9, conclusive=False) is False
     assert e.routable and e.errors == 1
+
+
+def test_a_breaker_ejection_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    registry = Registry([cfg("a")])
+    endpoint = healthy(registry, "a", "m")
+    with caplog.at_level(logging.INFO, logger="olla.health"):
+        assert registry.record_outcome(endpoint, Outcome.REJECTED, "endpoint a answered 503") is True
+        assert registry.record_outcome(endpoint, Outcome.REJECTED, "endpoint a answered 503") is False  # already out
+    (record,) = caplog.records
+    assert record.getMessage() == "health changed"
+    assert (record.endpoint, record.to, record.detail) == ("a", "unhealthy", "breaker: endpoint a answered 503")
 
 
 def test_unreachable_attempt_marks_offline() -> None:
