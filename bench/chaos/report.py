@@ -22,6 +22,7 @@ from bench.chaos.timeline import KINDS
 from bench.chaos.verdict import UNEXPLAINED, VERDICTS
 
 INCIDENT_GAP = 2.0  # seconds between two unexplained failures of one incident
+VIEW_BEFORE = 2.0  # seconds of the router's view shown before an incident's first failure
 
 
 def report(run: Run, command: str) -> str:
@@ -176,13 +177,19 @@ def _most_waiting(run: Run) -> int:
     return max(at.values(), default=0)
 
 
-def _view_at(run: Run, model: str, seconds: float) -> str:
-    """The router's view of a model's endpoints at `seconds` since the start, from the polled changes."""
-    view: dict[str, str] = {}
+def _views(run: Run, model: str, start: float, end: float) -> str:
+    """The router's view of a model's endpoints from `start` to `end` (seconds since the start), from the polled
+    changes: each endpoint's state as the span began, since when, then every change in the span."""
+    views: dict[str, list[str]] = {}
     for t, name, status, detail in run.watch.changes:
-        if t <= seconds and run.timeline.models.get(name) == model:
-            view[name] = f"{status} ({detail})" if detail else status
-    return ", ".join(f"{name} {status}" for name, status in sorted(view.items()))
+        if t > end or run.timeline.models.get(name) != model:
+            continue
+        seen = f"{status} ({detail})" if detail else status
+        if t <= start:
+            views[name] = [f"{seen} since {t:.2f}"]
+        else:
+            views.setdefault(name, []).append(f"{t:.2f} {seen}")
+    return "; ".join(f"{name} {', then '.join(seen)}" for name, seen in sorted(views.items()))
 
 
 def _failures(run: Run) -> list[str]:
@@ -199,7 +206,7 @@ def _failures(run: Run) -> list[str]:
     lines = [
         f"Unexplained failures: {len(bad)}, in {len(incidents)} incidents (times in seconds since the start):",
         "",
-        "| from | to | requests | status and code | an example | router's view at its end |",
+        "| from | to | requests | status and code | an example | the router's view, from 2 s before its first failure to its end |",
         "| ---: | ---: | ---: | --- | --- | --- |",
     ]
     for group in incidents:
@@ -209,7 +216,7 @@ def _failures(run: Run) -> list[str]:
         lines.append(
             f"| {group[0].sent - t0:.2f} | {group[-1].ended - t0:.2f} | {len(group)} "
             f"| {', '.join(f'{n}x {c}' for c, n in codes.items())} | {example} "
-            f"| {_view_at(run, first.model, first.ended - t0)} |"
+            f"| {_views(run, first.model, group[0].ended - t0 - VIEW_BEFORE, group[-1].ended - t0)} |"
         )
     lines += ["", "What the adversary did (seconds since the start):", ""]
     lines += [f"- {a.start - t0:.2f}-{a.end - t0:.2f} {a.kind} {a.endpoint} {a.detail}".rstrip()
