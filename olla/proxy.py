@@ -196,12 +196,14 @@ class Proxy:
                 outcome = Outcome.REJECTED if isinstance(exc, UpstreamRejected) else Outcome.UNREACHABLE
                 timeout = isinstance(exc, UpstreamTimeout)
                 since = sent if timeout else None  # a timeout is old news
+                # The request's own time ran out (told by the limit, not the clock: uvloop fires timers a little early).
+                at_deadline = timeout and headers_by == deadline
                 # What earlier attempts left of the deadline is no measure of this endpoint: it counts, never ejects.
-                leftover = timeout and bool(failures) and headers_by == deadline
+                leftover = at_deadline and bool(failures)
                 self.registry.record_outcome(endpoint, outcome, exc.message, since, conclusive=not leftover)
                 self.metrics.retries.labels(endpoint.name, exc.code).inc()
                 failures.append(exc)
-                if timeout and headers_by == deadline:  # not the clock: uvloop fires timers up to 1 ms early
+                if at_deadline:
                     break
                 continue
             except BaseException:
