@@ -18,7 +18,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
 from olla import admission, discovery, health
@@ -29,6 +28,7 @@ from olla.endpoint import Endpoint
 from olla.errors import ConfigError
 from olla.exchange import Traffic
 from olla.exchange import middleware as exchange_middleware
+from olla.http1 import Client
 from olla.metrics import Metrics
 from olla.proxy import Proxy
 from olla.registry import Registry
@@ -134,11 +134,11 @@ def _proxied(app: web.Application, profile):  # type: ignore[no-untyped-def]
 
 
 async def _proxy(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=KEEPALIVE)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        config = app[CONFIG].config
-        app[PROXY] = Proxy(config, app[REGISTRY], Upstream(session, config.proxy), app[METRICS], app[QUEUE])
-        yield
+    client = Client(KEEPALIVE)
+    config = app[CONFIG].config
+    app[PROXY] = Proxy(config, app[REGISTRY], Upstream(client, config.proxy), app[METRICS], app[QUEUE])
+    yield
+    client.close()
 
 
 async def _monitors(app: web.Application) -> AsyncIterator[None]:

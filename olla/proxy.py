@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -33,6 +32,7 @@ from olla.errors import (
     UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnreachable,
 )  # fmt: skip
 from olla.exchange import EXCHANGE, VIA, Exchange
+from olla.http1 import Response
 from olla.metrics import Metrics
 from olla.profiles import Profile, Route
 from olla.registry import Pool, Registry
@@ -80,7 +80,7 @@ class Proxy:
         self.config = config
         if new == old:
             return
-        self.upstream = Upstream(self.upstream.session, new)
+        self.upstream = Upstream(self.upstream.client, new)
         if new.load_balancer != old.load_balancer:
             self.queue.balancer = BALANCERS[new.load_balancer]()
         if (new.affinity, new.load_balancer) != (old.affinity, old.load_balancer):
@@ -232,7 +232,7 @@ class Proxy:
 
     async def _relay(
         self, request: web.Request, exchange: Exchange, plan: Plan, endpoint: Endpoint,
-        upstream: aiohttp.ClientResponse, deadline: float,
+        upstream: Response, deadline: float,
     ) -> web.StreamResponse:  # fmt: skip
         now = time.monotonic()
         exchange.ttfb = now - exchange.started

@@ -1,4 +1,4 @@
-"""Every HTTP call to an endpoint; the one place aiohttp's client exceptions become olla.errors.
+"""Every HTTP call to an endpoint; the one place the client's exceptions (olla.http1) become olla.errors.
 
 Timeouts follow llama-server's behaviour: it sends no headers until a
 non-streaming generation has finished (or while a request waits for a slot),
@@ -7,9 +7,8 @@ so waiting for headers is bounded only by the request's total deadline
 
 Connections: llama-server keeps a connection alive after a plain response but
 closes it after a chunked (streamed) one, and drops idle ones after 5 seconds.
-aiohttp pools a connection the moment a payload ends, often before any of our
-code runs, so a request that asks to stream is sent with `Connection: close`;
-pooled connections idle at most KEEPALIVE seconds; and a request that meets a
+So a request that asks to stream is sent with `Connection: close`; pooled
+connections idle at most KEEPALIVE seconds; and a request that meets a
 pooled connection the endpoint already closed is sent again once on a fresh
 one (it never reached the endpoint). That failure comes at once; a connection
 dropped later (the endpoint crashed, or something in front of it gave up)
@@ -24,13 +23,19 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from olla.config import ProxyConfig
 from olla.endpoint import Endpoint, Health, Probe
-from olla.errors import UpstreamBroken, UpstreamRejected, UpstreamTimeout, UpstreamUnreachable
+from olla.errors import (
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from olla.http1 import Client, Closed, ConnectTimeout, Response
 
 HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -76,48 +81,55 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 class Upstream:
-    def __init__(self, session: aiohttp.ClientSession, config: ProxyConfig) -> None:
-        self.session = session
+    def __init__(self, client: Client, config: ProxyConfig) -> None:
+        self.client = client
         self.config = config
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connection_timeout, sock_read=None)
+
+    async def _request(self, endpoint: Endpoint, method: str, url: str, headers: Mapping[str, str], body: bytes,
+                       connect_timeout: float) -> Response:  # fmt: skip
+        """Send and wait for the response's head; a kept-alive connection the endpoint had closed: once more, fresh."""
+        try:
+            sent = time.monotonic()
+            try:
+                response, _ = await self.client.request(method, url, headers, body, connect_timeout)
+            except Closed as exc:
+                if not exc.reused or time.monotonic() - sent >= STALE:
+                    raise
+                response, _ = await self.client.request(method, url, headers, body, connect_timeout, fresh=True)
+            return response
+        except ConnectTimeout as exc:
+            raise UpstreamUnreachable(f"endpoint {endpoint.name} accepted no connection within "
+                                      f"{connect_timeout:g}s") from exc  # fmt: skip
+        except Closed as exc:
+            reason = f": {exc}" if str(exc) else ""
+            raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering{reason}") from exc
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise UpstreamUnreachable(f"endpoint {endpoint.name} is unreachable: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # Malformed, or a URL that is not http(s)
+            raise UpstreamUnreachable(f"endpoint {endpoint.name} failed before answering: {exc}") from exc
 
     # --- the request path --------------------------------------------------------
 
     async def send(
         self, endpoint: Endpoint, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes, deadline: float,
         streaming: bool = False,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send one attempt and wait for its headers; a 502/503/504 answer raises UpstreamRejected."""
         url = endpoint.config.url.rstrip("/") + path_qs
         if streaming:
             headers["Connection"] = "close"
-        for fresh in (False, True):
-            sent = time.monotonic()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    response = await self.session.request(
-                        method, url, headers=headers, data=body, timeout=self._timeout, allow_redirects=False
-                    )
-                break
-            except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too, but it says the endpoint is out of reach
-                raise UpstreamUnreachable(f"endpoint {endpoint.name} accepted no connection within "
-                                          f"{self.config.connection_timeout:g}s") from exc  # fmt: skip
-            except TimeoutError as exc:
-                raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
-            except aiohttp.ClientConnectorError as exc:
-                reason = exc.os_error.strerror or str(exc.os_error)
-                raise UpstreamUnreachable(f"endpoint {endpoint.name} is unreachable: {reason}") from exc
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if not fresh and time.monotonic() - sent < STALE:
-                    continue  # a pooled connection the endpoint had closed: once more on a new one
-                raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering: {exc}") from exc
-            except aiohttp.ClientError as exc:
-                raise UpstreamUnreachable(f"endpoint {endpoint.name} failed before answering: {exc}") from exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._request(endpoint, method, url, headers, body, self.config.connection_timeout)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
         if response.status in REJECTED:
             try:
                 async with asyncio.timeout(self.config.connection_timeout):
-                    content = await response.content.read(REJECTED_BODY_LIMIT)
-            except (TimeoutError, aiohttp.ClientError):
+                    content = await response.read(REJECTED_BODY_LIMIT)
+            except (OSError, ValueError):  # TimeoutError is an OSError
                 content = b""
             finally:
                 response.close()
@@ -127,52 +139,46 @@ class Upstream:
             )  # fmt: skip
         return response
 
-    async def body(
-        self, endpoint: Endpoint, response: aiohttp.ClientResponse, deadline: float
-    ) -> AsyncGenerator[bytes, None]:
-        """The response body chunk by chunk, as it arrives; a break or silence raises UpstreamBroken."""
+    async def body(self, endpoint: Endpoint, response: Response, deadline: float) -> AsyncGenerator[bytes, None]:
+        """The response body piece by piece, as it arrives; a break or silence raises UpstreamBroken."""
         read_timeout = self.config.read_timeout
-        content = response.content
-        complete = False
         try:
             while True:
-                # What already arrived needs no timer: a small reply is usually in with its headers.
-                chunk = content.read_nowait()
-                if not chunk and not content.is_eof():
+                chunk = response.take()  # what already arrived needs no timer: a small reply comes with its head
+                if chunk is None:
                     remaining = deadline - time.monotonic()
                     silence = min(read_timeout, remaining)
                     try:
                         async with asyncio.timeout(silence):
-                            chunk = await content.readany()
+                            await response.more()
                     except TimeoutError as exc:
                         which = "response_timeout" if remaining <= read_timeout else "read_timeout"
                         raise UpstreamBroken(f"endpoint {endpoint.name} went silent ({which} {silence:g}s)") from exc
+                    continue
                 if not chunk:
-                    complete = True
                     return
                 yield chunk
-        except aiohttp.ClientError as exc:
-            raise UpstreamBroken(f"endpoint {endpoint.name} broke the response off: {exc or type(exc).__name__}") from exc
+        except (OSError, ValueError) as exc:  # Closed, or Malformed
+            reason = str(exc) or "closed the connection"
+            raise UpstreamBroken(f"endpoint {endpoint.name} broke the response off: {reason}") from exc
         finally:
-            if complete:
-                response.release()
-            else:
-                response.close()
+            response.close()  # nothing when it is complete; else the endpoint sees the request end
 
     # --- probes and discovery ----------------------------------------------------
 
     async def probe(self, endpoint: Endpoint, url: str) -> Probe:
         started = time.monotonic()
-        timeout = aiohttp.ClientTimeout(total=endpoint.config.check_timeout)
+        timeout = endpoint.config.check_timeout
         try:
-            async with self.session.get(url, headers=endpoint.config.headers, timeout=timeout) as response:
+            async with asyncio.timeout(timeout):
+                response = await self._request(endpoint, "GET", url, endpoint.config.headers, b"", timeout)
                 content = await response.read()
         except TimeoutError:
-            return Probe(Health.OFFLINE, time.monotonic() - started, f"no answer in {endpoint.config.check_timeout:g}s")
-        except aiohttp.ClientConnectorError as exc:
-            return Probe(Health.OFFLINE, time.monotonic() - started, exc.os_error.strerror or str(exc.os_error))
-        except aiohttp.ClientError as exc:
-            return Probe(Health.OFFLINE, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+            return Probe(Health.OFFLINE, time.monotonic() - started, f"no answer in {timeout:g}s")
+        except UpstreamError as exc:
+            return Probe(Health.OFFLINE, time.monotonic() - started, exc.message)
+        except (OSError, ValueError) as exc:  # the body broken off
+            return Probe(Health.OFFLINE, time.monotonic() - started, f"the answer broke off: {exc or 'closed'}")
         latency = time.monotonic() - started
         status = response.status
         if status == 200:
@@ -187,14 +193,13 @@ class Upstream:
     async def get_json(self, endpoint: Endpoint, url: str, timeout: float) -> tuple[int, Any]:
         """GET a JSON document; (status, parsed body or None). Network failures raise UpstreamError."""
         try:
-            async with self.session.get(
-                url, headers=endpoint.config.headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as response:
+            async with asyncio.timeout(timeout):
+                response = await self._request(endpoint, "GET", url, endpoint.config.headers, b"", timeout)
                 content = await response.read()
         except TimeoutError as exc:
             raise UpstreamTimeout(f"endpoint {endpoint.name}: {url} did not answer in {timeout:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(f"endpoint {endpoint.name}: {url}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise UpstreamUnreachable(f"endpoint {endpoint.name}: {url}: the answer broke off: {exc or 'closed'}") from exc
         try:
             return response.status, orjson.loads(content)
         except orjson.JSONDecodeError:

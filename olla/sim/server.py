@@ -220,7 +220,7 @@ def _hang_up(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except (OSError, TypeError):  # TypeError: uvloop's transport sockets refuse shutdown(); its close is at once
             pass
     transport.close()
 

@@ -1,0 +1,395 @@
+"""HTTP/1.1 to endpoints on asyncio protocols: the client under upstream.py.
+
+aiohttp's client cost about 80 µs of CPU per proxied request, a quarter of the
+router's (bench/results/overhead-notes.md); this one does what talking to a
+llama.cpp endpoint needs and nothing else:
+
+- requests carry a whole body with its Content-Length (the proxy has read the
+  client's body before it picks an endpoint);
+- responses are framed by Content-Length, chunked transfer coding, or the
+  connection's close; bodies are passed on as they come, never decompressed;
+  no redirects, cookies or proxies;
+- keep-alive: idle connections per origin, newest reused first, closed after
+  `keepalive` seconds idle, dropped when the endpoint closes them;
+- `https://` endpoints get TLS with certificate checks.
+
+Failures are OSError (Closed: the endpoint closed the connection; ConnectTimeout)
+or Malformed (a response that is not HTTP/1.x); upstream.py translates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
+HIGH_WATER, LOW_WATER = 256 * 1024, 64 * 1024  # read no more while this much is unread, resume below the low mark
+NO_BODY = frozenset((204, 304))
+HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+class Closed(ConnectionError):
+    """The endpoint closed the connection before the response was complete; the message is the OS's reason, if any."""
+
+    def __init__(self, reason: str = "", reused: bool = False) -> None:
+        super().__init__(reason)
+        self.reused = reused  # the connection had carried an earlier request
+
+
+class ConnectTimeout(TimeoutError):
+    pass
+
+
+class Malformed(ValueError):
+    """The endpoint's answer breaks HTTP/1.1."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+@functools.lru_cache(maxsize=1024)
+def split(url: str) -> tuple[Origin, str]:
+    """An absolute http(s) URL's origin and request target (path and query)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url}")
+    default = 443 if parts.scheme == "https" else 80
+    port = parts.port or default
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    origin = Origin(parts.scheme, host, port, shown if port == default else f"{shown}:{port}")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return origin, target
+
+
+class Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection: what it has received and not yet consumed, and whether it is closed."""
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.closed = False
+        self.error: Exception | None = None
+        self.idle_since = 0.0
+        self.on_lost: list[Connection] | None = None  # the idle list it sits in, if any
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # the endpoint is done sending: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.error = exc
+        if self.on_lost is not None and self in self.on_lost:
+            self.on_lost.remove(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait until more bytes arrive or the connection closes."""
+        if self.closed:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self, n: int) -> bytes:
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        if self._paused and len(self.buffer) < LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def parse_head(buffer: bytearray) -> tuple[int, str, CIMultiDict[str], bool, int] | None:
+    """(status, reason, headers, keep-alive, head length) of the response head at the buffer's start, or None: not all in."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise Malformed(f"response head larger than {MAX_HEAD} bytes")
+        return None
+    lines = buffer[:end].decode("utf-8", "surrogateescape").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise Malformed(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise Malformed(f"bad header line: {line[:80]!r}")
+        headers.add(name, value.strip(" \t"))
+    tokens = headers.get("Connection", "").lower()
+    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    return int(code), reason, headers, keep_alive, end + 4
+
+
+# How a body ends.
+LENGTH, CHUNKED, UNTIL_CLOSE, NONE = range(4)
+# Where a chunked body is.
+SIZE, DATA, DATA_END, TRAILER = range(4)
+
+
+class Response:
+    """A response whose head has arrived; its body is read with `take` and `more`, or `read`."""
+
+    def __init__(self, client: Client, connection: Connection, status: int, reason: str,
+                 headers: CIMultiDict[str], keep_alive: bool, method: str) -> None:  # fmt: skip
+        self.status = status
+        self.reason = reason
+        self.headers = CIMultiDictProxy(headers)
+        self._client = client
+        self._connection: Connection | None = connection
+        self._keep_alive = keep_alive
+        self._remaining = 0
+        self._state = SIZE
+        coding = headers.get("Transfer-Encoding")
+        if method == "HEAD" or status in NO_BODY:
+            self._framing = NONE
+        elif coding is not None:
+            self._framing = CHUNKED if coding.lower().rstrip().endswith("chunked") else UNTIL_CLOSE
+        elif "Content-Length" in headers:
+            lengths = {v.strip() for v in headers.getall("Content-Length")}
+            length = lengths.pop()
+            if lengths or not length.isdigit():
+                raise Malformed(f"bad Content-Length: {', '.join(headers.getall('Content-Length'))}")
+            self._framing, self._remaining = LENGTH, int(length)
+        else:
+            self._framing = UNTIL_CLOSE
+        if self._framing == UNTIL_CLOSE:
+            self._keep_alive = False
+        if self._framing == NONE or (self._framing == LENGTH and self._remaining == 0):
+            self._finish()
+
+    @property
+    def complete(self) -> bool:
+        return self._connection is None
+
+    def take(self) -> bytes | None:
+        """The body's next piece from what has arrived; b"" at its end; None when more must arrive first."""
+        connection = self._connection
+        if connection is None:
+            return b""
+        buffer = connection.buffer
+        if self._framing == LENGTH:
+            n = min(self._remaining, len(buffer))
+            if n:
+                self._remaining -= n
+                data = connection.take(n)
+                if not self._remaining:
+                    self._finish()
+                return data
+        elif self._framing == CHUNKED:
+            piece = self._chunked(connection)
+            if piece is not None:
+                return piece
+        elif buffer:
+            return connection.take(len(buffer))
+        elif connection.closed and connection.error is None:
+            self._finish()  # UNTIL_CLOSE: the close is the end
+            return b""
+        if connection.closed:
+            raise Closed(_why(connection))
+        return None
+
+    def _chunked(self, connection: Connection) -> bytes | None:
+        buffer = connection.buffer
+        while True:
+            if self._state == DATA:
+                n = min(self._remaining, len(buffer))
+                if not n:
+                    return None
+                self._remaining -= n
+                if not self._remaining:
+                    self._state = DATA_END
+                return connection.take(n)
+            if self._state == DATA_END:
+                if len(buffer) < 2:
+                    return None
+                if buffer[:2] != b"\r\n":
+                    raise Malformed("chunk data not followed by CRLF")
+                del buffer[:2]
+                self._state = SIZE
+                continue
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    raise Malformed("chunk size line too long")
+                return None
+            line = connection.take(end + 2)[:-2]
+            if self._state == TRAILER:
+                if not line:
+                    self._finish()
+                    return b""
+                continue
+            size = line.split(b";", 1)[0].strip()
+            if not size or size.strip(HEX_DIGITS):
+                raise Malformed(f"bad chunk size line: {line[:40]!r}")
+            self._remaining = int(size, 16)
+            self._state = DATA if self._remaining else TRAILER
+
+    async def more(self) -> None:
+        """Wait for more of the body to arrive (or the connection to close)."""
+        if self._connection is not None:
+            await self._connection.more()
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body, or its first `limit` bytes (the connection is then closed)."""
+        parts: list[bytes] = []
+        size = 0
+        while limit is None or size < limit:
+            data = self.take()
+            if data is None:
+                await self.more()
+                continue
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        if not self.complete:
+            self.close()
+        body = b"".join(parts)
+        return body if limit is None else body[:limit]
+
+    def close(self) -> None:
+        """Stop reading: a connection with an unread body cannot carry another request."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _finish(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            if self._keep_alive and not connection.buffer and not connection.closed:
+                self._client.release(connection)
+            else:
+                connection.close()
+
+
+def _why(connection: Connection) -> str:
+    return str(connection.error) if connection.error else ""
+
+
+class Client:
+    """Connections to every endpoint, kept alive between requests."""
+
+    def __init__(self, keepalive: float, tls: ssl.SSLContext | None = None) -> None:
+        self.keepalive = keepalive
+        self._tls = tls
+        self._idle: dict[Origin, list[Connection]] = {}
+
+    async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
+                      connect_timeout: float, fresh: bool = False) -> tuple[Response, bool]:  # fmt: skip
+        """Send a request and wait for its response's head; with it, whether the connection was a reused one.
+
+        `fresh`: never a kept-alive connection.
+        """
+        origin, target = split(url)
+        connection = None if fresh else self._reuse(origin)
+        reused = connection is not None
+        if connection is None:
+            connection = await self._connect(origin, connect_timeout)
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())  # both sources allow no CR or LF
+        if body or method not in ("GET", "HEAD"):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        try:
+            cast(asyncio.Transport, connection.transport).write("".join(lines).encode("utf-8", "surrogateescape") + body)
+            while True:
+                head = parse_head(connection.buffer)
+                if head is None:
+                    if connection.closed:
+                        raise Closed(_why(connection), reused)
+                    await connection.more()
+                    continue
+                status, reason, response_headers, keep_alive, length = head
+                del connection.buffer[:length]
+                if status >= 200 or status == 101:
+                    return Response(self, connection, status, reason, response_headers, keep_alive, method), reused
+        except BaseException:
+            connection.close()
+            raise
+
+    def _reuse(self, origin: Origin) -> Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            connection.on_lost = None
+            if not connection.closed and now - connection.idle_since < self.keepalive:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: Origin, timeout: float) -> Connection:
+        loop = asyncio.get_running_loop()
+        tls = (self._tls or _default_tls()) if origin.tls else None
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(origin), origin.host, origin.port, ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )  # fmt: skip
+        except TimeoutError as exc:
+            raise ConnectTimeout(f"no connection within {timeout:g}s") from exc
+        return connection
+
+    def release(self, connection: Connection) -> None:
+        connection.idle_since = time.monotonic()
+        idle = self._idle.setdefault(connection.origin, [])
+        idle.append(connection)
+        connection.on_lost = idle
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.on_lost = None
+                connection.close()
+        self._idle.clear()
+
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    return ssl.create_default_context()

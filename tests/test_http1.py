@@ -1,0 +1,244 @@
+"""The HTTP/1.1 client under upstream.py: framing, keep-alive, failures, TLS.
+
+Framing is fed byte by byte, so every split of a response across reads is
+covered; the rest runs against real servers on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from olla.http1 import (
+    HIGH_WATER,
+    Client,
+    Closed,
+    Connection,
+    Malformed,
+    Origin,
+    Response,
+    parse_head,
+    split,
+)
+
+ORIGIN = Origin("http", "127.0.0.1", 1, "127.0.0.1:1")
+
+
+def fed(raw: bytes, method: str = "POST", close: bool = False) -> tuple[Client, Connection, bytes]:
+    """Feed a whole response one byte at a time; (client, connection, the body as `take` gave it)."""
+    client, connection = Client(4.0), Connection(ORIGIN)
+    response: Response | None = None
+    body = bytearray()
+    for i in range(len(raw)):
+        connection.data_received(raw[i : i + 1])
+        if response is None:
+            head = parse_head(connection.buffer)
+            if head is None:
+                continue
+            status, reason, headers, keep_alive, length = head
+            del connection.buffer[:length]
+            response = Response(client, connection, status, reason, headers, keep_alive, method)
+        while (piece := response.take()) not in (None, b""):
+            body += piece
+    if close:
+        connection.connection_lost(None)
+    assert response is not None
+    assert response.take() == b""  # complete
+    return client, connection, bytes(body)
+
+
+def test_a_content_length_body_split_anywhere_arrives_whole_and_the_connection_is_kept() -> None:
+    client, connection, body = fed(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world")
+    assert body == b"hello world"
+    assert client._reuse(ORIGIN) is connection
+
+
+def test_a_chunked_body_with_extensions_and_trailers_is_decoded() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+           b"6;ext=1\r\ndata: \r\n9\r\n{\"x\":1}\n\n\r\n2\r\n\r\n\r\n0\r\nX-Trailer: t\r\n\r\n")  # fmt: skip
+    client, connection, body = fed(raw)
+    assert body == b'data: {"x":1}\n\n\r\n'
+    assert client._reuse(ORIGIN) is connection
+
+
+def test_a_body_framed_by_the_close_ends_with_it_and_the_connection_is_not_kept() -> None:
+    client, _, body = fed(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", close=True)
+    assert body == b"until the end"
+    assert client._reuse(ORIGIN) is None
+
+
+def test_connection_close_and_http_1_0_are_not_kept_alive() -> None:
+    assert parse_head(bytearray(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"))[3] is False  # type: ignore[index]
+    assert parse_head(bytearray(b"HTTP/1.0 200 OK\r\n\r\n"))[3] is False  # type: ignore[index]
+    assert parse_head(bytearray(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"))[3] is True  # type: ignore[index]
+
+
+def test_no_body_after_204_or_head() -> None:
+    _, _, body = fed(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
+    assert body == b""
+    _, _, body = fed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD")
+    assert body == b""
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/2 200 OK\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n Folded: x\r\n\r\n",
+])  # fmt: skip
+def test_a_head_that_is_not_http_1_is_malformed(raw: bytes) -> None:
+    with pytest.raises(Malformed):
+        parse_head(bytearray(raw))
+
+
+def test_an_endless_head_is_malformed() -> None:
+    with pytest.raises(Malformed, match="larger than"):
+        parse_head(bytearray(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000))
+
+
+@pytest.mark.parametrize("size", [b"0x10", b"-1", b"zz", b"+5", b""])
+def test_a_bad_chunk_size_is_malformed(size: bytes) -> None:
+    with pytest.raises(Malformed, match="chunk size"):
+        fed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nabc\r\n0\r\n\r\n")
+
+
+def test_conflicting_content_lengths_are_malformed() -> None:
+    with pytest.raises(Malformed, match="Content-Length"):
+        fed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+
+
+def test_a_body_cut_short_by_the_close_raises_closed() -> None:
+    client, connection = Client(4.0), Connection(ORIGIN)
+    connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    head = parse_head(connection.buffer)
+    assert head is not None
+    del connection.buffer[: head[4]]
+    response = Response(client, connection, head[0], head[1], head[2], head[3], "POST")
+    assert response.take() == b"abc"
+    assert response.take() is None  # more must arrive
+    connection.connection_lost(ConnectionResetError("reset by peer"))
+    with pytest.raises(Closed, match="reset by peer"):
+        response.take()
+
+
+def test_urls_split_into_origin_and_target() -> None:
+    assert split("http://h:8080/a/b?x=1") == (Origin("http", "h", 8080, "h:8080"), "/a/b?x=1")
+    assert split("https://h/") == (Origin("https", "h", 443, "h"), "/")
+    assert split("http://[::1]:9/v1")[0].host_header == "[::1]:9"
+    with pytest.raises(ValueError, match="not an http"):
+        split("ftp://h/")
+
+
+# --- against real servers ------------------------------------------------------------------
+
+async def _echo_server(aiohttp_server, **kwargs):  # type: ignore[no-untyped-def]
+    async def echo(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername")[1] if request.transport else 0
+        body = await request.read()
+        return web.json_response({"port": peer, "body": body.decode(), "host": request.host,
+                                  "length": request.headers.get("Content-Length")})  # fmt: skip
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):
+            await response.write(b"x" * 65536)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/big", big)
+    return await aiohttp_server(app, **kwargs)
+
+
+async def test_keep_alive_reuses_one_connection_and_fresh_opens_another(aiohttp_server) -> None:
+    server = await _echo_server(aiohttp_server)
+    client = Client(4.0)
+    url = str(server.make_url("/echo"))
+    ports, reuses = [], []
+    for fresh in (False, False, True):
+        response, reused = await client.request("POST", url, {"Content-Type": "text/plain"}, b"hi", 1.0, fresh)
+        ports.append(await response.read())
+        reuses.append(reused)
+    assert reuses == [False, True, False]
+    first, second, third = (orjson.loads(p) for p in ports)
+    assert first["port"] == second["port"] != third["port"]  # the same connection, then a new one
+    assert first == {**first, "body": "hi", "length": "2", "host": f"127.0.0.1:{server.port}"}
+    client.close()
+
+
+async def test_an_idle_connection_past_keepalive_is_not_reused(aiohttp_server) -> None:
+    server = await _echo_server(aiohttp_server)
+    client = Client(0.05)
+    url = str(server.make_url("/echo"))
+    response, _ = await client.request("GET", url, {}, b"", 1.0)
+    await response.read()
+    await asyncio.sleep(0.1)
+    _, reused = await client.request("GET", url, {}, b"", 1.0)
+    assert reused is False
+    client.close()
+
+
+async def test_a_refused_connection_raises_an_os_error() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(OSError) as caught:
+        await Client(4.0).request("GET", f"http://127.0.0.1:{port}/", {}, b"", 1.0)
+    assert not isinstance(caught.value, Closed)
+
+
+async def test_an_endpoint_that_closes_without_answering_raises_closed() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(Closed) as caught:
+        await Client(4.0).request("GET", f"http://127.0.0.1:{port}/", {}, b"", 1.0)
+    assert caught.value.reused is False
+    server.close()
+
+
+async def test_a_large_body_read_slowly_stops_reading_from_the_socket(aiohttp_server) -> None:
+    server = await _echo_server(aiohttp_server)
+    client = Client(4.0)
+    response, _ = await client.request("GET", str(server.make_url("/big")), {}, b"", 1.0)
+    connection = response._connection
+    assert connection is not None
+    await asyncio.sleep(0.3)  # the server has written all 4 MiB it can; we read nothing
+    assert len(connection.buffer) < HIGH_WATER + 2 * 65536 + 1024
+    assert len(await response.read()) == 64 * 65536
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_endpoints_get_tls_with_certificate_checks(aiohttp_server, certificate) -> None:
+    cert, key = certificate
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    server = await _echo_server(aiohttp_server, ssl=served)
+    url = f"https://127.0.0.1:{server.port}/echo"
+    trusting = ssl.create_default_context(cafile=str(cert))
+    response, _ = await Client(4.0, tls=trusting).request("POST", url, {}, b"secret", 1.0)
+    assert orjson.loads(await response.read())["body"] == "secret"
+    with pytest.raises(ssl.SSLCertVerificationError):  # the default context does not trust a self-signed certificate
+        await Client(4.0).request("POST", url, {}, b"secret", 1.0)
