@@ -269,6 +269,15 @@ class Response:
             self._remaining = int(size, 16)
             self._state = DATA if self._remaining else TRAILER
 
+    def whole(self) -> bytes | None:
+        """The body, when its Content-Length says it has all arrived; else None, and nothing is taken."""
+        connection = self._connection
+        if connection is None:
+            return b"" if self._framing in (NONE, LENGTH) else None
+        if self._framing != LENGTH or len(connection.buffer) < self._remaining:
+            return None
+        return self.take()
+
     async def more(self) -> None:
         """Wait for more of the body to arrive (or the connection to close)."""
         if self._connection is not None:

@@ -71,6 +71,14 @@ class Metrics:
             ["model", "reason"], registry=r,
         )  # fmt: skip
         self._answered: dict[tuple[str, str, str, int, str], tuple[Any, Any, Any]] = {}
+        self._attempts: dict[str, tuple[Any, Any]] = {}
+
+    def attempt(self, endpoint: str) -> tuple[Any, Any]:
+        """An endpoint's `in_flight` and `ttfb` series, looked up once and kept (as in `answered`)."""
+        series = self._attempts.get(endpoint)
+        if series is None:
+            series = self._attempts[endpoint] = (self.in_flight.labels(endpoint), self.ttfb.labels(endpoint))
+        return series
 
     def answered(self, endpoint: str, model: str, route: str, code: int, client: str, seconds: float) -> None:
         """Count one answered request. Its series are looked up once per label set and kept:

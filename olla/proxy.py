@@ -221,11 +221,11 @@ class Proxy:
     def _enter(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1
         endpoint.requests += 1
-        self.metrics.in_flight.labels(endpoint.name).inc()
+        self.metrics.attempt(endpoint.name)[0].inc()
 
     def _leave(self, endpoint: Endpoint, plan: Plan) -> None:
         endpoint.in_flight -= 1
-        self.metrics.in_flight.labels(endpoint.name).dec()
+        self.metrics.attempt(endpoint.name)[0].dec()
         if plan.route.takes_slot:
             self.queue.release(endpoint, plan.held_for)
             plan.held_for = None
@@ -241,18 +241,23 @@ class Proxy:
         first = exchange.attempts == 1
         exchange.routing["Decision"] = "routed" if first else "fallback"
         exchange.routing["Reason"] = "model_found" if first else f"failover_after_{exchange.attempts - 1}"
-        self.metrics.ttfb.labels(endpoint.name).observe(exchange.ttfb)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(response_headers(upstream.headers))
-        response.headers.update(olla_headers(exchange, plan.profile, endpoint, plan.pool))
+        self.metrics.attempt(endpoint.name)[1].observe(exchange.ttfb)
+        headers = response_headers(upstream.headers)
+        headers.update(olla_headers(exchange, plan.profile, endpoint, plan.pool))
         if self.affinity is not None and plan.route.takes_slot:
-            response.headers["X-Olla-Affinity"] = _affinity(plan.preferred, endpoint)
+            headers["X-Olla-Affinity"] = _affinity(plan.preferred, endpoint)
             if plan.keys is not None and upstream.status < 400:
                 self.affinity.remember(plan.keys, endpoint.name, now)
                 if plan.preferred is not None:  # a conversation seen before: its slot is kept for its next turn
                     plan.held_for = plan.keys.record  # (not after a first turn or a one-shot, which looks the same)
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         exchange.status = upstream.status
+        whole = None if is_sse else upstream.whole()
+        if whole is not None:  # all here: headers and body go out in one write, not two (~5% of CPU, overhead-notes.md)
+            self.registry.record_outcome(endpoint, Outcome.OK)
+            headers.popall("Content-Length", None)
+            return web.Response(status=upstream.status, reason=upstream.reason, body=whole, headers=headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         events = 0
         try:
