@@ -53,6 +53,15 @@ def fed(raw: bytes, method: str = "POST", close: bool = False) -> tuple[Client, 
     return client, connection, bytes(body)
 
 
+def _response(raw: bytes) -> tuple[Connection, Response]:
+    client, connection = Client(4.0), Connection(ORIGIN)
+    connection.data_received(raw)
+    head = parse_head(connection.buffer)
+    assert head is not None
+    del connection.buffer[: head[4]]
+    return connection, Response(client, connection, head[0], head[1], head[2], head[3], "POST")
+
+
 def test_a_content_length_body_split_anywhere_arrives_whole_and_the_connection_is_kept() -> None:
     client, connection, body = fed(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world")
     assert body == b"hello world"
@@ -114,12 +123,7 @@ def test_conflicting_content_lengths_are_malformed() -> None:
 
 
 def test_a_body_cut_short_by_the_close_raises_closed() -> None:
-    client, connection = Client(4.0), Connection(ORIGIN)
-    connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-    head = parse_head(connection.buffer)
-    assert head is not None
-    del connection.buffer[: head[4]]
-    response = Response(client, connection, head[0], head[1], head[2], head[3], "POST")
+    connection, response = _response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     assert response.take() == b"abc"
     assert response.take() is None  # more must arrive
     connection.connection_lost(ConnectionResetError("reset by peer"))
@@ -242,3 +246,14 @@ async def test_https_endpoints_get_tls_with_certificate_checks(aiohttp_server, c
     assert orjson.loads(await response.read())["body"] == "secret"
     with pytest.raises(ssl.SSLCertVerificationError):  # the default context does not trust a self-signed certificate
         await Client(4.0).request("POST", url, {}, b"secret", 1.0)
+
+
+def test_whole_gives_a_body_that_has_all_arrived_and_takes_nothing_otherwise() -> None:
+    _, response = _response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert response.whole() == b"hello" and response.complete
+    connection, response = _response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+    assert response.whole() is None and bytes(connection.buffer) == b"hello"
+    _, response = _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert response.whole() is None  # chunked replies stream
+    _, response = _response(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert response.whole() == b""
