@@ -356,6 +356,7 @@ class Client:
                 status, reason, response_headers, keep_alive, length = head
                 del connection.buffer[:length]
                 if status >= 200 or status == 101:
+                    keep_alive = keep_alive and "close" not in headers.get("Connection", "").lower()  # ours said close
                     return Response(self, connection, status, reason, response_headers, keep_alive, method), reused
         except BaseException:
             connection.close()

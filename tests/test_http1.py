@@ -177,6 +177,26 @@ async def test_keep_alive_reuses_one_connection_and_fresh_opens_another(aiohttp_
     client.close()
 
 
+async def test_a_request_that_said_close_never_leaves_its_connection_for_reuse() -> None:
+    async def keeps_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):  # answers everything, and never says close itself
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    server = await asyncio.start_server(keeps_open, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    client = Client(4.0)
+    for said_close, reuse_expected in ((False, False), (False, True), ({"Connection": "close"}, True), (False, False)):
+        response, reused = await client.request("GET", url, said_close or {}, b"", 1.0)
+        assert (reused, await response.read()) == (reuse_expected, b"ok")
+    client.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.05)  # the handlers see the closes
+
+
 async def test_an_idle_connection_past_keepalive_is_not_reused(aiohttp_server) -> None:
     server = await _echo_server(aiohttp_server)
     client = Client(0.05)
@@ -242,8 +262,10 @@ async def test_https_endpoints_get_tls_with_certificate_checks(aiohttp_server, c
     server = await _echo_server(aiohttp_server, ssl=served)
     url = f"https://127.0.0.1:{server.port}/echo"
     trusting = ssl.create_default_context(cafile=str(cert))
-    response, _ = await Client(4.0, tls=trusting).request("POST", url, {}, b"secret", 1.0)
+    client = Client(4.0, tls=trusting)
+    response, _ = await client.request("POST", url, {}, b"secret", 1.0)
     assert orjson.loads(await response.read())["body"] == "secret"
+    client.close()
     with pytest.raises(ssl.SSLCertVerificationError):  # the default context does not trust a self-signed certificate
         await Client(4.0).request("POST", url, {}, b"secret", 1.0)
 
