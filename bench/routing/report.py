@@ -301,7 +301,8 @@ def report(args: argparse.Namespace, cap: Capacity, rows: list[Row], wall: float
         "slot is handed on at once, so the router keeps it for the conversation's next turn for "
         "`proxy.affinity.hold` (100 ms) from its second turn on. What is still lost: second turns (a first turn "
         "looks like a one-shot and gets no hold), turns sent after the hold, and idle slots another conversation "
-        "lands in. The router never sets `id_slot`."),
+        "lands in. The router never sets `id_slot`. Where the re-processed tokens come from, and the router changes "
+        "tried: [routing-notes.md](routing-notes.md)."),
         "",
         "Chart: [routing.png](routing.png).",
         "",
