@@ -221,9 +221,13 @@ class Response:
                     self._finish()
                 return data
         elif self._framing == CHUNKED:
-            piece = self._chunked(connection)
-            if piece is not None:
-                return piece
+            pieces = []  # everything that has arrived, in one piece: a write to the client for each would cost more
+            while self._connection is not None and (piece := self._chunked(connection)):
+                pieces.append(piece)
+            if pieces:
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if self._connection is None:
+                return b""
         elif buffer:
             return connection.take(len(buffer))
         elif connection.closed and connection.error is None:

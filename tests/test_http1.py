@@ -279,3 +279,10 @@ def test_whole_gives_a_body_that_has_all_arrived_and_takes_nothing_otherwise() -
     assert response.whole() is None  # chunked replies stream
     _, response = _response(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert response.whole() == b""
+
+
+def test_chunks_that_have_arrived_together_are_passed_on_as_one_piece() -> None:
+    _, response = _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"6\r\ndata: \r\n3\r\n1\n\n\r\n6\r\ndata: \r\n")  # fmt: skip
+    assert response.take() == b"data: 1\n\ndata: "  # one write to the client, not three
+    assert response.take() is None
