@@ -143,6 +143,12 @@ async def _handle(request: web.Request, handler: Handler, exchange: Exchange, me
     if not response.prepared:
         response.headers.setdefault("X-Olla-Request-Id", exchange.request_id)
         exchange.bytes_sent = exchange.bytes_sent or (response.content_length or 0)
+        try:  # sent now rather than by aiohttp after we return: the log line and metrics then follow the last byte
+            await response.prepare(request)
+            await response.write_eof()
+        finally:
+            finish(exchange, request, metrics)
+        return response
     finish(exchange, request, metrics)
     return response
 
