@@ -143,7 +143,7 @@ class Connection(asyncio.Protocol):
 
 
 def parse_head(buffer: bytearray) -> tuple[int, str, CIMultiDict[str], bool, int] | None:
-    """(status, reason, headers, keep-alive, head length) of the response head at the buffer's start, or None: not all in."""
+    """The response head at the buffer's start: (status, reason, headers, keep-alive, length); None if incomplete."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         if len(buffer) > MAX_HEAD:
@@ -234,7 +234,7 @@ class Response:
             self._finish()  # UNTIL_CLOSE: the close is the end
             return b""
         if connection.closed:
-            raise Closed(_why(connection))
+            raise Closed(str(connection.error or ""))
         return None
 
     def _chunked(self, connection: Connection) -> bytes | None:
@@ -320,10 +320,6 @@ class Response:
                 connection.close()
 
 
-def _why(connection: Connection) -> str:
-    return str(connection.error) if connection.error else ""
-
-
 class Client:
     """Connections to every endpoint, kept alive between requests."""
 
@@ -334,10 +330,7 @@ class Client:
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
                       connect_timeout: float, fresh: bool = False) -> tuple[Response, bool]:  # fmt: skip
-        """Send a request and wait for its response's head; with it, whether the connection was a reused one.
-
-        `fresh`: never a kept-alive connection.
-        """
+        """Send a request, wait for the response's head; also whether a kept-alive connection (never if `fresh`) took it."""
         origin, target = split(url)
         connection = None if fresh else self._reuse(origin)
         reused = connection is not None
@@ -349,12 +342,13 @@ class Client:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append("\r\n")
         try:
-            cast(asyncio.Transport, connection.transport).write("".join(lines).encode("utf-8", "surrogateescape") + body)
+            request = "".join(lines).encode("utf-8", "surrogateescape") + body
+            cast(asyncio.Transport, connection.transport).write(request)
             while True:
                 head = parse_head(connection.buffer)
                 if head is None:
                     if connection.closed:
-                        raise Closed(_why(connection), reused)
+                        raise Closed(str(connection.error or ""), reused)
                     await connection.more()
                     continue
                 status, reason, response_headers, keep_alive, length = head
