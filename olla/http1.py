@@ -330,7 +330,7 @@ class Client:
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
                       connect_timeout: float, fresh: bool = False) -> tuple[Response, bool]:  # fmt: skip
-        """Send a request, wait for the response's head; also whether a kept-alive connection (never if `fresh`) took it."""
+        """Send a request, wait for the response's head; also whether it went on a kept-alive connection."""
         origin, target = split(url)
         connection = None if fresh else self._reuse(origin)
         reused = connection is not None
