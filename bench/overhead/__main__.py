@@ -128,11 +128,12 @@ def main() -> None:
             body += [
                 "## The floor: olla against proxies with no logic",
                 "",
-                "The non-streaming chat through two reference proxies (bench/overhead/floors.py), interleaved with "
+                "The non-streaming chat through three reference proxies (bench/overhead/floors.py), interleaved with "
                 f"direct, the nginx proxy and olla ({args.rounds} rounds of {args.seconds:g} s, medians): *aiohttp* "
-                "is a bare `web.Application` with one handler and one `ClientSession` on uvloop, the HTTP stack olla "
-                "is built on; *asyncio* is HTTP/1.1 keep-alive on asyncio protocols (uvloop), Content-Length bodies "
-                "only. Neither routes, adds headers, counts or logs.",
+                "is a bare `web.Application` with one handler and one `ClientSession` on uvloop; "
+                "*aiohttp+olla-client* is the same server forwarding with olla's own client (olla/http1.py), the "
+                "HTTP stack olla is built on; *asyncio* is HTTP/1.1 keep-alive on asyncio protocols (uvloop), "
+                "Content-Length bodies only. None of them routes, adds headers, counts or logs.",
                 "",
                 *floors.table(result, levels),
                 "",

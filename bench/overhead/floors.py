@@ -1,16 +1,18 @@
 """The floor under olla: what a proxy with no logic at all costs in aiohttp, and in plain asyncio.
 
-Two reference proxies forward the non-streaming chat to the same nginx upstream:
+Three reference proxies forward the non-streaming chat to the same nginx upstream:
 
-- `aiohttp`: a `web.Application` with one handler and one `ClientSession` on uvloop: the HTTP stack
-  olla is built on, with nothing of olla's (no routing, headers, metrics or log);
+- `aiohttp`: a `web.Application` with one handler and one `ClientSession` on uvloop: aiohttp's server
+  and client, with nothing of olla's (no routing, headers, metrics or log);
+- `aiohttp+olla-client`: the same server, forwarding with olla's own client (olla/http1.py): the HTTP
+  stack olla is built on now;
 - `asyncio`: HTTP/1.1 with keep-alive on both sides, written on asyncio protocols (uvloop), for
   Content-Length bodies only: what Python itself costs per proxied request.
 
-They run interleaved with the nginx proxy and olla (A B C D, several rounds, medians). Neither is
+They run interleaved with the nginx proxy and olla (A B C D E, several rounds, medians). Neither is
 a product; they tell how much of olla's cost is its HTTP stack and how much is olla.
 
-    python -m bench.overhead.floors aiohttp|asyncio UPSTREAM_PORT PORT   (one proxy, until killed)
+    python -m bench.overhead.floors aiohttp|aiohttp+olla-client|asyncio UPSTREAM_PORT PORT   (one proxy, until killed)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,14 @@ from pathlib import Path
 import aiohttp
 import uvloop
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from bench.common import process, usage, wait_http
 from bench.overhead.wrk import Run, wrk
+from olla.http1 import Client
 from tests.llamacpp import free_port
 
-PROXIES = ("aiohttp", "asyncio")
+PROXIES = ("aiohttp", "aiohttp+olla-client", "asyncio")
 TARGETS = ("direct", "nginx", "olla", *PROXIES)
 PREFIX = b"/olla/llamacpp"  # the proxies take olla's path, so wrk posts the same URL path to all
 
@@ -51,14 +55,39 @@ def serve_aiohttp(upstream: int, port: int) -> None:
         yield
         await app[SESSION].close()
 
+    _run(forward, session, port)
+
+
+def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
+    """The bare aiohttp server, forwarding with olla's own client (olla/http1.py) instead of aiohttp's."""
+    base = f"http://127.0.0.1:{upstream}"
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        path = request.path.removeprefix(PREFIX.decode())
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        answer, _ = await request.app[CLIENT].request(request.method, base + path, headers, body, 5.0)
+        content = await answer.read()
+        return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
+
+    async def client(app: web.Application) -> AsyncIterator[None]:
+        app[CLIENT] = Client(4.0)
+        yield
+        app[CLIENT].close()
+
+    _run(forward, client, port)
+
+
+def _run(forward: Handler, context: Callable[[web.Application], AsyncIterator[None]], port: int) -> None:
     app = web.Application()
-    app.cleanup_ctx.append(session)
+    app.cleanup_ctx.append(context)
     app.router.add_route("*", "/{tail:.*}", forward)
     uvloop.install()
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+CLIENT = web.AppKey("client", Client)
 
 
 def _message(buffer: bytearray) -> tuple[bytes, bytes, bool] | None:
@@ -221,7 +250,8 @@ def table(result: Floors, connections: list[int]) -> list[str]:
 
 if __name__ == "__main__":
     kind, upstream_port, own_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    {"aiohttp": serve_aiohttp, "asyncio": serve_asyncio}[kind](upstream_port, own_port)
+    serve = {"aiohttp": serve_aiohttp, "aiohttp+olla-client": serve_aiohttp_olla_client, "asyncio": serve_asyncio}
+    serve[kind](upstream_port, own_port)
 
 
 def run(rounds: int, seconds: float, connections: list[int], log: Path) -> Floors:
