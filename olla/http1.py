@@ -222,8 +222,12 @@ class Response:
                 return data
         elif self._framing == CHUNKED:
             pieces = []  # everything that has arrived, in one piece: a write to the client for each would cost more
-            while self._connection is not None and (piece := self._chunked(connection)):
-                pieces.append(piece)
+            try:
+                while self._connection is not None and (piece := self._chunked(connection)):
+                    pieces.append(piece)
+            except Malformed:
+                if not pieces:
+                    raise  # else the good data goes first, and the next call meets the same fault
             if pieces:
                 return pieces[0] if len(pieces) == 1 else b"".join(pieces)
             if self._connection is None:
@@ -261,15 +265,17 @@ class Response:
                 if len(buffer) > MAX_HEAD:
                     raise Malformed("chunk size line too long")
                 return None
-            line = connection.take(end + 2)[:-2]
+            line = bytes(buffer[:end])
             if self._state == TRAILER:
+                connection.take(end + 2)
                 if not line:
                     self._finish()
                     return b""
                 continue
             size = line.split(b";", 1)[0].strip()
-            if not size or size.strip(HEX_DIGITS):
+            if not size or size.strip(HEX_DIGITS):  # the line stays: every later call fails the same way
                 raise Malformed(f"bad chunk size line: {line[:40]!r}")
+            connection.take(end + 2)
             self._remaining = int(size, 16)
             self._state = DATA if self._remaining else TRAILER
 

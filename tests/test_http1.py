@@ -286,3 +286,11 @@ def test_chunks_that_have_arrived_together_are_passed_on_as_one_piece() -> None:
                             b"6\r\ndata: \r\n3\r\n1\n\n\r\n6\r\ndata: \r\n")  # fmt: skip
     assert response.take() == b"data: 1\n\ndata: "  # one write to the client, not three
     assert response.take() is None
+
+
+def test_data_before_a_framing_fault_is_passed_on_before_the_fault() -> None:
+    _, response = _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+    assert response.take() == b"abc"
+    for _ in range(2):
+        with pytest.raises(Malformed, match="chunk size"):
+            response.take()

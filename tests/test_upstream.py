@@ -29,6 +29,7 @@ class StingyEndpoint:
 
     one_request_per_connection: bool = False
     pause_mid_body: float = 0.0  # a plain reply's body stops halfway this long
+    garbled: bool = False  # /tokenize answers with no HTTP status line; a stream's second chunk has no size
     connections_with_work: int = 0
     dropped: int = 0
     server: asyncio.Server | None = field(default=None, repr=False)
@@ -61,7 +62,14 @@ class StingyEndpoint:
                                  + (b"Connection: close\r\n\r\n" if closing else b"Keep-Alive: timeout=5, max=100\r\n\r\n"))  # fmt: skip
                     for event in (b'data: {"content":"a","stop":false}\n\n', b'data: {"content":"","stop":true}\n\n'):
                         writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                        await writer.drain()
+                        if self.garbled:
+                            writer.write(b"zz\r\n")
+                            return
                     writer.write(b"0\r\n\r\n")
+                elif path == "/tokenize" and self.garbled:
+                    writer.write(b"SPDY/3 200 OK\r\n\r\n")
+                    return
                 else:
                     body = MODELS if path == "/v1/models" else b'{"status":"ok"}'
                     if path == "/tokenize":
@@ -138,4 +146,28 @@ async def test_a_body_silent_midway_past_read_timeout_is_cut(aiohttp_client, sti
     assert r.status == 200  # headers went out before the silence
     with pytest.raises(aiohttp.ClientPayloadError):
         await r.read()
+    assert endpoint.errors == 1
+
+
+async def test_an_answer_that_is_not_http_fails_the_attempt_with_a_clear_reason(aiohttp_client, stingy) -> None:
+    client, endpoint = await _router(aiohttp_client, await stingy.start())
+    stingy.garbled = True
+    r = await client.post("/olla/llamacpp/tokenize", json={"content": "x"})
+    assert r.status == 503  # the breaker took the only endpoint out: no healthy endpoint, and why
+    error = (await r.json())["error"]
+    assert error["code"] == "no_healthy_endpoint"
+    assert error["message"].endswith("every attempt failed: endpoint e failed before answering: "
+                                     "not an HTTP/1.x status line: 'SPDY/3 200 OK'")  # fmt: skip
+    assert endpoint.errors == 1
+
+
+async def test_a_stream_with_broken_chunk_framing_ends_with_an_error_event(aiohttp_client, stingy) -> None:
+    client, endpoint = await _router(aiohttp_client, await stingy.start())
+    stingy.garbled = True
+    r = await client.post("/olla/llamacpp/completion", json={"prompt": "x", "stream": True})
+    assert r.status == 200
+    events = [e for e in (await r.text()).split("\n\n") if e]
+    assert events[0] == 'data: {"content":"a","stop":false}'
+    error = orjson.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["message"] == "endpoint e broke the response off: bad chunk size line: b'zz'"
     assert endpoint.errors == 1
