@@ -1,12 +1,14 @@
 """The HTTP/1.1 client under upstream.py: framing, keep-alive, failures, TLS.
 
-Framing is fed byte by byte, so every split of a response across reads is
-covered; the rest runs against real servers on loopback.
+Framing is fed byte by byte, and in generated pieces (hypothesis), so any
+split of a response across reads is covered; the rest runs against real
+servers on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 import subprocess
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from olla.http1 import (
     HIGH_WATER,
@@ -30,28 +34,36 @@ from olla.http1 import (
 ORIGIN = Origin("http", "127.0.0.1", 1, "127.0.0.1:1")
 
 
-def fed(raw: bytes, method: str = "POST", close: bool = False) -> tuple[Client, Connection, bytes]:
-    """Feed a whole response one byte at a time; (client, connection, the body as `take` gave it)."""
+def _split_at(raw: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+    return [raw[a:b] for a, b in itertools.pairwise(points)]
+
+
+def _read_in_parts(parts: list[bytes], method: str = "POST", close: bool = False) -> tuple[bytes, bool]:
+    """Feed the parts as separate reads (then the close); (the body, whether the connection went back to the pool)."""
     client, connection = Client(4.0), Connection(ORIGIN)
     response: Response | None = None
     body = bytearray()
-    for i in range(len(raw)):
-        connection.data_received(raw[i : i + 1])
+    for part in parts:
+        connection.data_received(part)
         if response is None:
             head = parse_head(connection.buffer)
             if head is None:
                 continue
-            status, reason, headers, keep_alive, length = head
-            del connection.buffer[:length]
-            response = Response(client, connection, status, reason, headers, keep_alive, method)
-        while (piece := response.take()) not in (None, b""):
+            del connection.buffer[: head[4]]
+            response = Response(client, connection, head[0], head[1], head[2], head[3], method)
+        while piece := response.take():
             body += piece
     if close:
         connection.connection_lost(None)
-    assert response is not None
-    assert response.take() == b""  # complete
-    return client, connection, bytes(body)
+    assert response is not None and response.take() == b""
+    return bytes(body), client._reuse(ORIGIN) is connection
 
+
+
+def fed(raw: bytes, method: str = "POST", close: bool = False) -> tuple[bytes, bool]:
+    """A whole response fed one byte at a time."""
+    return _read_in_parts([raw[i : i + 1] for i in range(len(raw))], method, close)
 
 def _response(raw: bytes) -> tuple[Connection, Response]:
     client, connection = Client(4.0), Connection(ORIGIN)
@@ -63,23 +75,17 @@ def _response(raw: bytes) -> tuple[Connection, Response]:
 
 
 def test_a_content_length_body_split_anywhere_arrives_whole_and_the_connection_is_kept() -> None:
-    client, connection, body = fed(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world")
-    assert body == b"hello world"
-    assert client._reuse(ORIGIN) is connection
+    assert fed(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world") == (b"hello world", True)
 
 
 def test_a_chunked_body_with_extensions_and_trailers_is_decoded() -> None:
     raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
            b"6;ext=1\r\ndata: \r\n9\r\n{\"x\":1}\n\n\r\n2\r\n\r\n\r\n0\r\nX-Trailer: t\r\n\r\n")  # fmt: skip
-    client, connection, body = fed(raw)
-    assert body == b'data: {"x":1}\n\n\r\n'
-    assert client._reuse(ORIGIN) is connection
+    assert fed(raw) == (b'data: {"x":1}\n\n\r\n', True)
 
 
 def test_a_body_framed_by_the_close_ends_with_it_and_the_connection_is_not_kept() -> None:
-    client, _, body = fed(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", close=True)
-    assert body == b"until the end"
-    assert client._reuse(ORIGIN) is None
+    assert fed(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", close=True) == (b"until the end", False)
 
 
 def test_connection_close_and_http_1_0_are_not_kept_alive() -> None:
@@ -89,10 +95,8 @@ def test_connection_close_and_http_1_0_are_not_kept_alive() -> None:
 
 
 def test_no_body_after_204_or_head() -> None:
-    _, _, body = fed(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
-    assert body == b""
-    _, _, body = fed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD")
-    assert body == b""
+    assert fed(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n") == (b"", True)
+    assert fed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method="HEAD") == (b"", True)
 
 
 @pytest.mark.parametrize("raw", [
@@ -294,3 +298,30 @@ def test_data_before_a_framing_fault_is_passed_on_before_the_fault() -> None:
     for _ in range(2):
         with pytest.raises(Malformed, match="chunk size"):
             response.take()
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    sizes=st.lists(st.integers(1, 300), max_size=12),
+    extensions=st.lists(st.sampled_from([b"", b";x=1", b"; name=\"v\"", b"  "]), min_size=12, max_size=12),
+    upper=st.booleans(),
+    trailers=st.lists(st.sampled_from([b"X-T: 1", b"Server-Timing: a;dur=1"]), max_size=2),
+    cuts=st.lists(st.integers(0, 10_000), max_size=20),
+    seed=st.binary(min_size=1, max_size=64),
+)
+def test_any_chunked_body_split_anywhere_arrives_whole(sizes, extensions, upper, trailers, cuts, seed) -> None:  # type: ignore[no-untyped-def]
+    data = (seed * (sum(sizes) // len(seed) + 1))[: sum(sizes)]
+    raw, at = bytearray(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), 0
+    for size, extension in zip(sizes, extensions, strict=False):
+        digits = b"%x" % size
+        raw += (digits.upper() if upper else digits) + extension + b"\r\n" + data[at : at + size] + b"\r\n"
+        at += size
+    raw += b"0\r\n" + b"".join(t + b"\r\n" for t in trailers) + b"\r\n"
+    assert _read_in_parts(_split_at(bytes(raw), cuts)) == (data, True)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(body=st.binary(max_size=2000), cuts=st.lists(st.integers(0, 10_000), max_size=20))
+def test_any_content_length_body_split_anywhere_arrives_whole(body: bytes, cuts: list[int]) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert _read_in_parts(_split_at(raw, cuts)) == (body, True)
