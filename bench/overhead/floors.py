@@ -44,9 +44,7 @@ def serve_aiohttp(upstream: int, port: int) -> None:
     base = f"http://127.0.0.1:{upstream}"
 
     async def forward(request: web.Request) -> web.Response:
-        body = await request.read()
-        path = request.path.removeprefix(PREFIX.decode())
-        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        path, headers, body = await _incoming(request)
         async with request.app[SESSION].request(request.method, base + path, data=body, headers=headers) as answer:
             return web.Response(body=await answer.read(), status=answer.status, content_type=answer.content_type)
 
@@ -63,9 +61,7 @@ def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
     base = f"http://127.0.0.1:{upstream}"
 
     async def forward(request: web.Request) -> web.Response:
-        body = await request.read()
-        path = request.path.removeprefix(PREFIX.decode())
-        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        path, headers, body = await _incoming(request)
         answer, _ = await request.app[CLIENT].request(request.method, base + path, headers, body, 5.0)
         content = await answer.read()
         return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
@@ -76,6 +72,12 @@ def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
         app[CLIENT].close()
 
     _run(forward, client, port)
+
+
+async def _incoming(request: web.Request) -> tuple[str, dict[str, str], bytes]:
+    """What both aiohttp proxies forward: the path without olla's prefix, the content type, the body."""
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+    return request.path.removeprefix(PREFIX.decode()), headers, await request.read()
 
 
 def _run(forward: Handler, context: Callable[[web.Application], AsyncIterator[None]], port: int) -> None:
