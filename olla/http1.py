@@ -372,7 +372,8 @@ class Client:
         while idle:
             connection = idle.pop()
             connection.on_lost = None
-            if not connection.closed and now - connection.idle_since < self.keepalive:
+            # Bytes on an idle connection were never asked for (a server's 408 before it hangs up): not an answer.
+            if not connection.closed and not connection.buffer and now - connection.idle_since < self.keepalive:
                 return connection
             connection.close()
         return None

@@ -8,6 +8,7 @@ servers on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import ssl
 import subprocess
@@ -199,6 +200,30 @@ async def test_a_request_that_said_close_never_leaves_its_connection_for_reuse()
     server.close()
     await server.wait_closed()
     await asyncio.sleep(0.05)  # the handlers see the closes
+
+
+async def test_an_idle_connection_that_received_bytes_is_not_reused() -> None:
+    async def says_408_when_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # and no hang-up yet
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(says_408_when_idle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    client = Client(4.0)
+    response, _ = await client.request("GET", url, {}, b"", 1.0)
+    assert await response.read() == b"ok"
+    await asyncio.sleep(0.2)
+    response, reused = await client.request("GET", url, {}, b"", 1.0)
+    assert (reused, response.status, await response.read()) == (False, 200, b"ok")
+    client.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.05)
 
 
 async def test_an_idle_connection_past_keepalive_is_not_reused(aiohttp_server) -> None:
