@@ -226,6 +226,21 @@ async def test_an_idle_connection_that_received_bytes_is_not_reused() -> None:
     await asyncio.sleep(0.05)
 
 
+async def test_an_interim_100_continue_is_skipped() -> None:
+    async def continues(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(continues, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    response, _ = await Client(4.0).request("POST", url, {"Expect": "100-continue"}, b"body", 1.0)
+    assert (response.status, await response.read()) == (201, b"ok")
+    server.close()
+    await server.wait_closed()
+
+
 async def test_an_idle_connection_past_keepalive_is_not_reused(aiohttp_server) -> None:
     server = await _echo_server(aiohttp_server)
     client = Client(0.05)
