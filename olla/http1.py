@@ -2,16 +2,11 @@
 
 aiohttp's client cost about 80 µs of CPU per proxied request, a quarter of the
 router's (bench/results/overhead-notes.md); this one does what talking to a
-llama.cpp endpoint needs and nothing else:
-
-- requests carry a whole body with its Content-Length (the proxy has read the
-  client's body before it picks an endpoint);
-- responses are framed by Content-Length, chunked transfer coding, or the
-  connection's close; bodies are passed on as they come, never decompressed;
-  no redirects, cookies or proxies;
-- keep-alive: idle connections per origin, newest reused first, closed after
-  `keepalive` seconds idle, dropped when the endpoint closes them;
-- `https://` endpoints get TLS with certificate checks.
+llama.cpp endpoint needs and nothing else: requests carry a whole body with its
+Content-Length; responses are framed by Content-Length, chunked coding or the
+close, and passed on as they come (no decompression, redirects, cookies or
+proxies); idle connections are kept per origin, newest reused first, closed after
+`keepalive` seconds; `https://` endpoints get TLS with certificate checks.
 
 Failures are OSError (Closed: the endpoint closed the connection; ConnectTimeout)
 or Malformed (a response that is not HTTP/1.x); upstream.py translates them.
@@ -58,10 +53,6 @@ class Origin:
     host: str
     port: int
     host_header: str
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "https"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -202,10 +193,6 @@ class Response:
         if self._framing == NONE or (self._framing == LENGTH and self._remaining == 0):
             self._finish()
 
-    @property
-    def complete(self) -> bool:
-        return self._connection is None
-
     def take(self) -> bytes | None:
         """The body's next piece from what has arrived; b"" at its end; None when more must arrive first."""
         connection = self._connection
@@ -306,8 +293,7 @@ class Response:
                 break
             parts.append(data)
             size += len(data)
-        if not self.complete:
-            self.close()
+        self.close()  # nothing if the body ended; else the rest stays unread
         body = b"".join(parts)
         return body if limit is None else body[:limit]
 
@@ -380,7 +366,9 @@ class Client:
 
     async def _connect(self, origin: Origin, timeout: float) -> Connection:
         loop = asyncio.get_running_loop()
-        tls = (self._tls or _default_tls()) if origin.tls else None
+        if origin.scheme == "https" and self._tls is None:
+            self._tls = ssl.create_default_context()
+        tls = self._tls if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(timeout):
                 _, connection = await loop.create_connection(
@@ -392,8 +380,12 @@ class Client:
         return connection
 
     def release(self, connection: Connection) -> None:
-        connection.idle_since = time.monotonic()
+        connection.idle_since = now = time.monotonic()
         idle = self._idle.setdefault(connection.origin, [])
+        while idle and now - idle[0].idle_since >= self.keepalive:  # the oldest first: expired ones go as traffic flows
+            expired = idle.pop(0)
+            expired.on_lost = None
+            expired.close()
         idle.append(connection)
         connection.on_lost = idle
 
@@ -404,7 +396,3 @@ class Client:
                 connection.close()
         self._idle.clear()
 
-
-@functools.cache
-def _default_tls() -> ssl.SSLContext:
-    return ssl.create_default_context()

@@ -316,7 +316,7 @@ async def test_https_endpoints_get_tls_with_certificate_checks(aiohttp_server, c
 
 def test_whole_gives_a_body_that_has_all_arrived_and_takes_nothing_otherwise() -> None:
     _, response = _response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-    assert response.whole() == b"hello" and response.complete
+    assert response.whole() == b"hello" and response.take() == b""
     connection, response = _response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
     assert response.whole() is None and bytes(connection.buffer) == b"hello"
     _, response = _response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
@@ -365,3 +365,14 @@ def test_any_chunked_body_split_anywhere_arrives_whole(sizes, extensions, upper,
 def test_any_content_length_body_split_anywhere_arrives_whole(body: bytes, cuts: list[int]) -> None:
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     assert _read_in_parts(_split_at(raw, cuts)) == (body, True)
+
+
+def test_expired_idle_connections_are_closed_when_another_is_released() -> None:
+    client = Client(4.0)
+    old, recent, new = Connection(ORIGIN), Connection(ORIGIN), Connection(ORIGIN)
+    client.release(old)
+    client.release(recent)
+    old.idle_since -= 5.0  # idle longer than keepalive
+    client.release(new)
+    assert old.closed and not recent.closed and not new.closed
+    assert client._reuse(ORIGIN) is new and client._reuse(ORIGIN) is recent and client._reuse(ORIGIN) is None
