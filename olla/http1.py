@@ -166,8 +166,9 @@ class Response:
     """A response whose head has arrived; its body is read with `take` and `more`, or `read`."""
 
     def __init__(self, client: Client, connection: Connection, status: int, reason: str,
-                 headers: CIMultiDict[str], keep_alive: bool, method: str) -> None:  # fmt: skip
+                 headers: CIMultiDict[str], keep_alive: bool, method: str, reused: bool) -> None:  # fmt: skip
         self.status = status
+        self.reused = reused  # it came on a kept-alive connection
         self.reason = reason
         self.headers = CIMultiDictProxy(headers)
         self._client = client
@@ -321,8 +322,8 @@ class Client:
         self._idle: dict[Origin, list[Connection]] = {}
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                      connect_timeout: float, fresh: bool = False) -> tuple[Response, bool]:  # fmt: skip
-        """Send a request, wait for the response's head; also whether it went on a kept-alive connection."""
+                      connect_timeout: float, fresh: bool = False) -> Response:  # fmt: skip
+        """Send a request and wait for the response's head (`fresh`: never on a kept-alive connection)."""
         origin, target = split(url)
         connection = None if fresh else self._reuse(origin)
         reused = connection is not None
@@ -347,7 +348,7 @@ class Client:
                 del connection.buffer[:length]
                 if status >= 200 or status == 101:
                     keep_alive = keep_alive and "close" not in headers.get("Connection", "").lower()  # ours said close
-                    return Response(self, connection, status, reason, response_headers, keep_alive, method), reused
+                    return Response(self, connection, status, reason, response_headers, keep_alive, method, reused)
         except BaseException:
             connection.close()
             raise

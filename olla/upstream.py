@@ -91,18 +91,19 @@ class Upstream:
         try:
             sent = time.monotonic()
             try:
-                response, _ = await self.client.request(method, url, headers, body, connect_timeout)
+                response = await self.client.request(method, url, headers, body, connect_timeout)
             except Closed as exc:
                 if not exc.reused or time.monotonic() - sent >= STALE:
                     raise
-                response, _ = await self.client.request(method, url, headers, body, connect_timeout, fresh=True)
+                response = await self.client.request(method, url, headers, body, connect_timeout, fresh=True)
             return response
         except ConnectTimeout as exc:
             raise UpstreamUnreachable(f"endpoint {endpoint.name} accepted no connection within "
                                       f"{connect_timeout:g}s") from exc  # fmt: skip
         except Closed as exc:
             reason = f": {exc}" if str(exc) else ""
-            raise UpstreamUnreachable(f"endpoint {endpoint.name} closed the connection before answering{reason}") from exc
+            message = f"endpoint {endpoint.name} closed the connection before answering{reason}"
+            raise UpstreamUnreachable(message) from exc
         except TimeoutError:
             raise
         except OSError as exc:
@@ -170,17 +171,12 @@ class Upstream:
         started = time.monotonic()
         timeout = endpoint.config.check_timeout
         try:
-            async with asyncio.timeout(timeout):
-                response = await self._request(endpoint, "GET", url, endpoint.config.headers, b"", timeout)
-                content = await response.read()
+            status, content = await self._get(endpoint, url, timeout)
         except TimeoutError:
             return Probe(Health.OFFLINE, time.monotonic() - started, f"no answer in {timeout:g}s")
         except UpstreamError as exc:
             return Probe(Health.OFFLINE, time.monotonic() - started, exc.message)
-        except (OSError, ValueError) as exc:  # the body broken off
-            return Probe(Health.OFFLINE, time.monotonic() - started, f"the answer broke off: {exc or 'closed'}")
         latency = time.monotonic() - started
-        status = response.status
         if status == 200:
             return Probe(Health.HEALTHY, latency)
         message = _error_message(content)
@@ -193,17 +189,23 @@ class Upstream:
     async def get_json(self, endpoint: Endpoint, url: str, timeout: float) -> tuple[int, Any]:
         """GET a JSON document; (status, parsed body or None). Network failures raise UpstreamError."""
         try:
-            async with asyncio.timeout(timeout):
-                response = await self._request(endpoint, "GET", url, endpoint.config.headers, b"", timeout)
-                content = await response.read()
+            status, content = await self._get(endpoint, url, timeout)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"endpoint {endpoint.name}: {url} did not answer in {timeout:g}s") from exc
-        except (OSError, ValueError) as exc:
-            raise UpstreamUnreachable(f"endpoint {endpoint.name}: {url}: the answer broke off: {exc or 'closed'}") from exc
         try:
-            return response.status, orjson.loads(content)
+            return status, orjson.loads(content)
         except orjson.JSONDecodeError:
-            return response.status, None
+            return status, None
+
+    async def _get(self, endpoint: Endpoint, url: str, timeout: float) -> tuple[int, bytes]:
+        """(status, whole body) of a GET; TimeoutError past `timeout`, UpstreamError for anything else."""
+        async with asyncio.timeout(timeout):
+            response = await self._request(endpoint, "GET", url, endpoint.config.headers, b"", timeout)
+            try:
+                return response.status, await response.read()
+            except (OSError, ValueError) as exc:  # inside the timer: its own expiry is still a cancellation here
+                message = f"endpoint {endpoint.name}: {url}: the answer broke off: {exc or 'closed'}"
+                raise UpstreamUnreachable(message) from exc
 
 
 def _error_message(content: bytes) -> str:

@@ -52,7 +52,7 @@ def _read_in_parts(parts: list[bytes], method: str = "POST", close: bool = False
             if head is None:
                 continue
             del connection.buffer[: head[4]]
-            response = Response(client, connection, head[0], head[1], head[2], head[3], method)
+            response = Response(client, connection, head[0], head[1], head[2], head[3], method, False)
         while piece := response.take():
             body += piece
     if close:
@@ -72,7 +72,7 @@ def _response(raw: bytes) -> tuple[Connection, Response]:
     head = parse_head(connection.buffer)
     assert head is not None
     del connection.buffer[: head[4]]
-    return connection, Response(client, connection, head[0], head[1], head[2], head[3], "POST")
+    return connection, Response(client, connection, head[0], head[1], head[2], head[3], "POST", False)
 
 
 def test_a_content_length_body_split_anywhere_arrives_whole_and_the_connection_is_kept() -> None:
@@ -172,9 +172,9 @@ async def test_keep_alive_reuses_one_connection_and_fresh_opens_another(aiohttp_
     url = str(server.make_url("/echo"))
     ports, reuses = [], []
     for fresh in (False, False, True):
-        response, reused = await client.request("POST", url, {"Content-Type": "text/plain"}, b"hi", 1.0, fresh)
+        response = await client.request("POST", url, {"Content-Type": "text/plain"}, b"hi", 1.0, fresh)
         ports.append(await response.read())
-        reuses.append(reused)
+        reuses.append(response.reused)
     assert reuses == [False, True, False]
     first, second, third = (orjson.loads(p) for p in ports)
     assert first["port"] == second["port"] != third["port"]  # the same connection, then a new one
@@ -194,8 +194,8 @@ async def test_a_request_that_said_close_never_leaves_its_connection_for_reuse()
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
     client = Client(4.0)
     for said_close, reuse_expected in ((False, False), (False, True), ({"Connection": "close"}, True), (False, False)):
-        response, reused = await client.request("GET", url, said_close or {}, b"", 1.0)
-        assert (reused, await response.read()) == (reuse_expected, b"ok")
+        response = await client.request("GET", url, said_close or {}, b"", 1.0)
+        assert (response.reused, await response.read()) == (reuse_expected, b"ok")
     client.close()
     server.close()
     await server.wait_closed()
@@ -215,11 +215,11 @@ async def test_an_idle_connection_that_received_bytes_is_not_reused() -> None:
     server = await asyncio.start_server(says_408_when_idle, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
     client = Client(4.0)
-    response, _ = await client.request("GET", url, {}, b"", 1.0)
+    response = await client.request("GET", url, {}, b"", 1.0)
     assert await response.read() == b"ok"
     await asyncio.sleep(0.2)
-    response, reused = await client.request("GET", url, {}, b"", 1.0)
-    assert (reused, response.status, await response.read()) == (False, 200, b"ok")
+    response = await client.request("GET", url, {}, b"", 1.0)
+    assert (response.reused, response.status, await response.read()) == (False, 200, b"ok")
     client.close()
     server.close()
     await server.wait_closed()
@@ -235,7 +235,7 @@ async def test_an_interim_100_continue_is_skipped() -> None:
 
     server = await asyncio.start_server(continues, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    response, _ = await Client(4.0).request("POST", url, {"Expect": "100-continue"}, b"body", 1.0)
+    response = await Client(4.0).request("POST", url, {"Expect": "100-continue"}, b"body", 1.0)
     assert (response.status, await response.read()) == (201, b"ok")
     server.close()
     await server.wait_closed()
@@ -245,11 +245,11 @@ async def test_an_idle_connection_past_keepalive_is_not_reused(aiohttp_server) -
     server = await _echo_server(aiohttp_server)
     client = Client(0.05)
     url = str(server.make_url("/echo"))
-    response, _ = await client.request("GET", url, {}, b"", 1.0)
+    response = await client.request("GET", url, {}, b"", 1.0)
     await response.read()
     await asyncio.sleep(0.1)
-    _, reused = await client.request("GET", url, {}, b"", 1.0)
-    assert reused is False
+    response = await client.request("GET", url, {}, b"", 1.0)
+    assert response.reused is False
     client.close()
 
 
@@ -279,7 +279,7 @@ async def test_an_endpoint_that_closes_without_answering_raises_closed() -> None
 async def test_a_large_body_read_slowly_stops_reading_from_the_socket(aiohttp_server) -> None:
     server = await _echo_server(aiohttp_server)
     client = Client(4.0)
-    response, _ = await client.request("GET", str(server.make_url("/big")), {}, b"", 1.0)
+    response = await client.request("GET", str(server.make_url("/big")), {}, b"", 1.0)
     connection = response._connection
     assert connection is not None
     await asyncio.sleep(0.3)  # the server has written all 4 MiB it can; we read nothing
@@ -307,7 +307,7 @@ async def test_https_endpoints_get_tls_with_certificate_checks(aiohttp_server, c
     url = f"https://127.0.0.1:{server.port}/echo"
     trusting = ssl.create_default_context(cafile=str(cert))
     client = Client(4.0, tls=trusting)
-    response, _ = await client.request("POST", url, {}, b"secret", 1.0)
+    response = await client.request("POST", url, {}, b"secret", 1.0)
     assert orjson.loads(await response.read())["body"] == "secret"
     client.close()
     with pytest.raises(ssl.SSLCertVerificationError):  # the default context does not trust a self-signed certificate

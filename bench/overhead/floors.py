@@ -62,7 +62,7 @@ def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
 
     async def forward(request: web.Request) -> web.Response:
         path, headers, body = await _incoming(request)
-        answer, _ = await request.app[CLIENT].request(request.method, base + path, headers, body, 5.0)
+        answer = await request.app[CLIENT].request(request.method, base + path, headers, body, 5.0)
         content = await answer.read()
         return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
 
