@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
@@ -43,7 +43,9 @@ class Exchange:
     status: int = 0
     bytes_sent: int = 0
     ttfb: float | None = None
-    routing: dict[str, str] = field(default_factory=dict)
+    strategy: str | None = None  # the balancer's name once the request reached routing; then the
+    decision: str = "rejected"  # X-Olla-Routing-* headers tell how it was routed
+    reason: str = "model_unavailable"
 
     def elapsed_ms(self, now: float | None = None) -> float:
         return ((now if now is not None else time.monotonic()) - self.started) * 1000
@@ -86,8 +88,10 @@ def error_response(exc: RequestFailed, exchange: Exchange) -> web.Response:
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     headers.update(exc.headers())
-    for key, value in exchange.routing.items():
-        headers[f"X-Olla-Routing-{key}"] = value
+    if exchange.strategy is not None:
+        headers["X-Olla-Routing-Strategy"] = exchange.strategy
+        headers["X-Olla-Routing-Decision"] = exchange.decision
+        headers["X-Olla-Routing-Reason"] = exchange.reason
     return web.Response(
         status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json", headers=headers
     )

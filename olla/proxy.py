@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -99,7 +98,7 @@ class Proxy:
         session = requestcheck.header_text(request.headers, SESSION_HEADER)
         pool = self.registry.pool(exchange.model, profile.name)
         exchange.model = pool.model
-        exchange.routing = {"Strategy": self.balancer.name, "Decision": "rejected", "Reason": "model_unavailable"}
+        exchange.strategy = self.balancer.name
         query = request.rel_url.raw_query_string  # as sent: decoding would turn %26 into a parameter boundary
         plan = Plan(
             profile, route, pool, path + (f"?{query}" if query else ""), body,
@@ -168,7 +167,7 @@ class Proxy:
         if not tiers:
             return None
         if plan.route.takes_slot:
-            return await self.queue.acquire(plan.pool, tried, plan.preferred, plan.keys)
+            return await self.queue.acquire(plan.pool, tried, plan.preferred, plan.keys, tiers)
         return self.balancer.pick(tiers, None, need_slot=False)
 
     async def _attempts(self, request: web.Request, exchange: Exchange, plan: Plan) -> web.StreamResponse:
@@ -215,17 +214,17 @@ class Proxy:
                 self._leave(endpoint, plan)
         if not failures:
             raise NoHealthyEndpoint(plan.pool.unavailable_reason())
-        exchange.routing["Reason"] = "all_attempts_failed"
+        exchange.reason = "all_attempts_failed"
         raise _summary(failures, plan.pool)
 
     def _enter(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1
         endpoint.requests += 1
-        self.metrics.attempt(endpoint.name)[0].inc()
+        self.metrics.entered(endpoint.name)
 
     def _leave(self, endpoint: Endpoint, plan: Plan) -> None:
         endpoint.in_flight -= 1
-        self.metrics.attempt(endpoint.name)[0].dec()
+        self.metrics.left(endpoint.name)
         if plan.route.takes_slot:
             self.queue.release(endpoint, plan.held_for)
             plan.held_for = None
@@ -239,23 +238,23 @@ class Proxy:
         exchange.endpoint = endpoint.name
         exchange.model_id = endpoint.discovery.models[0] if endpoint.discovery else None
         first = exchange.attempts == 1
-        exchange.routing["Decision"] = "routed" if first else "fallback"
-        exchange.routing["Reason"] = "model_found" if first else f"failover_after_{exchange.attempts - 1}"
-        self.metrics.attempt(endpoint.name)[1].observe(exchange.ttfb)
-        headers = response_headers(upstream.headers)
-        headers.update(olla_headers(exchange, plan.profile, endpoint, plan.pool))
+        exchange.decision = "routed" if first else "fallback"
+        exchange.reason = "model_found" if first else f"failover_after_{exchange.attempts - 1}"
+        self.metrics.first_byte(endpoint.name, exchange.ttfb)
+        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        whole = None if is_sse else upstream.whole()
+        # aiohttp sets Content-Length itself for a whole body
+        headers = response_headers(upstream.headers, whole is not None)
+        headers += olla_headers(exchange, plan.profile, endpoint, plan.pool)
         if self.affinity is not None and plan.route.takes_slot:
-            headers["X-Olla-Affinity"] = _affinity(plan.preferred, endpoint)
+            headers.append(("X-Olla-Affinity", _affinity(plan.preferred, endpoint)))
             if plan.keys is not None and upstream.status < 400:
                 self.affinity.remember(plan.keys, endpoint.name, now)
                 if plan.preferred is not None:  # a conversation seen before: its slot is kept for its next turn
                     plan.held_for = plan.keys.record  # (not after a first turn or a one-shot, which looks the same)
-        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         exchange.status = upstream.status
-        whole = None if is_sse else upstream.whole()
         if whole is not None:  # all here: headers and body go out in one write, not two (~5% of CPU, overhead-notes.md)
             self.registry.record_outcome(endpoint, Outcome.OK)
-            headers.popall("Content-Length", None)
             return web.Response(status=upstream.status, reason=upstream.reason, body=whole, headers=headers)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
@@ -288,18 +287,18 @@ def _affinity(preferred: Endpoint | None, served: Endpoint) -> str:
     return "hit" if preferred is served else "moved"
 
 
-def olla_headers(exchange: Exchange, profile: Profile, endpoint: Endpoint, pool: Pool) -> Mapping[str, str]:
-    headers = {
-        "X-Olla-Endpoint": endpoint.name,
-        "X-Olla-Backend-Type": profile.name,
-        "X-Olla-Model": pool.model,
-        "X-Olla-Request-Id": exchange.request_id,
-        "X-Olla-Response-Time": f"{round((exchange.ttfb or 0) * 1000)}ms",
-        "Via": VIA,
-    }
-    for key, value in exchange.routing.items():
-        headers[f"X-Olla-Routing-{key}"] = value
-    return headers
+def olla_headers(exchange: Exchange, profile: Profile, endpoint: Endpoint, pool: Pool) -> list[tuple[str, str]]:
+    return [
+        ("X-Olla-Endpoint", endpoint.name),
+        ("X-Olla-Backend-Type", profile.name),
+        ("X-Olla-Model", pool.model),
+        ("X-Olla-Request-Id", exchange.request_id),
+        ("X-Olla-Response-Time", f"{round((exchange.ttfb or 0) * 1000)}ms"),
+        ("Via", VIA),
+        ("X-Olla-Routing-Strategy", exchange.strategy or ""),
+        ("X-Olla-Routing-Decision", exchange.decision),
+        ("X-Olla-Routing-Reason", exchange.reason),
+    ]
 
 
 def _affinity_map(settings: ProxyConfig) -> AffinityMap | None:

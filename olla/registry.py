@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from olla.config import EndpointConfig
@@ -37,13 +37,14 @@ class Pool:
     model: str
     members: tuple[Endpoint, ...]
 
-    def tiers(self, exclude: Iterable[Endpoint] = ()) -> list[list[Endpoint]]:
+    def tiers(self, exclude: Collection[Endpoint] = ()) -> list[list[Endpoint]]:
         """Routable members not yet tried, grouped by priority, best tier first."""
-        skip = set(map(id, exclude))
         by_priority: dict[int, list[Endpoint]] = {}
         for e in self.members:
-            if e.routable and id(e) not in skip:
+            if e.health is Health.HEALTHY and e not in exclude:  # endpoints compare by identity
                 by_priority.setdefault(e.config.priority, []).append(e)
+        if len(by_priority) < 2:
+            return list(by_priority.values())
         return [by_priority[p] for p in sorted(by_priority, reverse=True)]
 
     def unavailable_reason(self) -> str:
@@ -54,6 +55,7 @@ class Pool:
 # What makes an endpoint the same server across a reload; any other key may change under it.
 IDENTITY = ("url", "type", "model_url", "health_check_url", "headers")
 REMOVED = "removed from the config by a reload"
+POOLS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class Registry:
         self.aliases = {alias: tuple(ids) for alias, ids in aliases.items()}
         self._wakeups = {endpoint: Wakeups() for endpoint in self.endpoints.values()}
         self.changed = asyncio.Event()  # set on any health change; waited on by tests and status
+        self._pools: dict[tuple[str | None, str | None], Pool] = {}  # until the next change: a lookup per request
         self.listeners: list[Callable[[Endpoint], None]] = []  # told when an endpoint's capacity may have changed
 
     def _new(self, config: EndpointConfig) -> Endpoint:
@@ -205,6 +208,7 @@ class Registry:
             listener(endpoint)
 
     def _signal_changed(self) -> None:
+        self._pools.clear()
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -223,6 +227,14 @@ class Registry:
 
     def pool(self, model: str | None, kind: str | None = None) -> Pool:
         """The pool for a requested model among endpoints of one profile; raises the client's error when none."""
+        pool = self._pools.get((model, kind))
+        if pool is None:
+            if len(self._pools) >= POOLS_KEPT:  # clients choose the names (`/any/dir/x.gguf` names x.gguf)
+                self._pools.clear()
+            pool = self._pools[(model, kind)] = self._pool(model, kind)
+        return pool
+
+    def _pool(self, model: str | None, kind: str | None) -> Pool:
         if model is None:
             return self._only_model(kind)
         wanted = (model, *self.aliases.get(model, ()))

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from olla.affinity import Keys
-from olla.balancer import Balancer
+from olla.balancer import Balancer, Tiers
 from olla.endpoint import Endpoint
 from olla.errors import NoHealthyEndpoint, SlotsExhausted
 from olla.metrics import Metrics
@@ -70,13 +70,17 @@ class SlotQueue:
         self.recount: Callable[[Endpoint], None] = lambda endpoint: None  # asks for a fresh /slots reading
 
     async def acquire(
-        self, pool: Pool, exclude: Sequence[Endpoint] = (), preferred: Endpoint | None = None, keys: Keys | None = None
+        self, pool: Pool, exclude: Sequence[Endpoint] = (), preferred: Endpoint | None = None, keys: Keys | None = None,
+        tiers: Tiers | None = None,
     ) -> Endpoint:  # fmt: skip
-        """An endpoint of the pool with a slot claimed for this request; may wait for one."""
+        """An endpoint of the pool with a slot claimed for this request; may wait for one.
+
+        `tiers`: the pool's tiers without `exclude`, when the caller has just worked them out."""
         held = self._take_hold(keys, pool, exclude) if keys is not None and self.holds else None
         if held is not None:
             return held
-        tiers = pool.tiers(exclude)
+        if tiers is None:
+            tiers = pool.tiers(exclude)
         if not tiers:
             raise NoHealthyEndpoint(pool.unavailable_reason())
         waitlist = self._waitlist(pool)

@@ -70,14 +70,13 @@ def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str |
 NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(upstream: CIMultiDictProxy[str], drop_length: bool = False) -> list[tuple[str, str]]:
+    """The endpoint's headers a client gets (`drop_length`: not its Content-Length either)."""
     dropped = HOP_BY_HOP | {h.strip().lower() for h in upstream.get("connection", "").split(",")}
-    relayed: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lowered = name.lower()
-        if lowered not in dropped and not lowered.startswith(NOT_RELAYED_PREFIXES):
-            relayed.add(name, value)
-    return relayed
+    if drop_length:
+        dropped |= {"content-length"}
+    return [(name, value) for name, value in upstream.items()
+            if (lowered := name.lower()) not in dropped and not lowered.startswith(NOT_RELAYED_PREFIXES)]  # fmt: skip
 
 
 class Upstream:
