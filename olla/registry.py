@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -36,6 +37,11 @@ class Pool:
 
     model: str
     members: tuple[Endpoint, ...]
+
+    @functools.cached_property
+    def names(self) -> frozenset[str]:
+        """Its members' names: what identifies the pool across reloads (its waitlist's key)."""
+        return frozenset(e.name for e in self.members)
 
     def tiers(self, exclude: Collection[Endpoint] = ()) -> list[list[Endpoint]]:
         """Routable members not yet tried, grouped by priority, best tier first."""

@@ -206,7 +206,7 @@ class SlotQueue:
         self.metrics.queue_rejected.labels(waitlist.label, reason).inc()
 
     def _waitlist(self, pool: Pool) -> Waitlist:
-        key = frozenset(e.name for e in pool.members)
+        key = pool.names
         waitlist = self.waitlists.get(key)
         if waitlist is None:
             first = pool.members[0]

@@ -1,18 +1,20 @@
 """The floor under olla: what a proxy with no logic at all costs in aiohttp, and in plain asyncio.
 
-Three reference proxies forward the non-streaming chat to the same nginx upstream:
+Four reference proxies forward the non-streaming chat to the same nginx upstream:
 
 - `aiohttp`: a `web.Application` with one handler and one `ClientSession` on uvloop: aiohttp's server
   and client, with nothing of olla's (no routing, headers, metrics or log);
 - `aiohttp+olla-client`: the same server, forwarding with olla's own client (olla/http1.py): the HTTP
   stack olla is built on now;
+- `aiohttp-server+olla-client`: aiohttp's low-level `web.Server` (no application, router or
+  middleware) forwarding with olla's client: the least any use of aiohttp's server costs;
 - `asyncio`: HTTP/1.1 with keep-alive on both sides, written on asyncio protocols (uvloop), for
   Content-Length bodies only: what Python itself costs per proxied request.
 
 They run interleaved with the nginx proxy and olla (A B C D E, several rounds, medians). Neither is
 a product; they tell how much of olla's cost is its HTTP stack and how much is olla.
 
-    python -m bench.overhead.floors aiohttp|aiohttp+olla-client|asyncio UPSTREAM_PORT PORT   (one proxy, until killed)
+    python -m bench.overhead.floors PROXY UPSTREAM_PORT PORT   (one of PROXIES, until killed)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from bench.overhead.wrk import Run, wrk
 from olla.http1 import Client
 from tests.llamacpp import free_port
 
-PROXIES = ("aiohttp", "aiohttp+olla-client", "asyncio")
+PROXIES = ("aiohttp", "aiohttp+olla-client", "aiohttp-server+olla-client", "asyncio")
 TARGETS = ("direct", "nginx", "olla", *PROXIES)
 PREFIX = b"/olla/llamacpp"  # the proxies take olla's path, so wrk posts the same URL path to all
 
@@ -74,7 +76,27 @@ def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
     _run(forward, client, port)
 
 
-async def _incoming(request: web.Request) -> tuple[str, dict[str, str], bytes]:
+def serve_aiohttp_server_olla_client(upstream: int, port: int) -> None:
+    """aiohttp's low-level server (`web.Server`: one handler, no application) forwarding with olla's client."""
+    base = f"http://127.0.0.1:{upstream}"
+
+    async def main() -> None:
+        client = Client(4.0)
+
+        async def forward(request: web.BaseRequest) -> web.Response:
+            path, headers, body = await _incoming(request)
+            answer = await client.request(request.method, base + path, headers, body, 5.0)
+            content = await answer.read()
+            return web.Response(body=content, status=answer.status,
+                                headers={"Content-Type": answer.headers["Content-Type"]})  # fmt: skip
+
+        server = await asyncio.get_running_loop().create_server(web.Server(forward, access_log=None), "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+async def _incoming(request: web.BaseRequest) -> tuple[str, dict[str, str], bytes]:
     """What both aiohttp proxies forward: the path without olla's prefix, the content type, the body."""
     headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
     return request.path.removeprefix(PREFIX.decode()), headers, await request.read()
@@ -196,7 +218,7 @@ def serve_asyncio(upstream: int, port: int) -> None:
 
 @contextmanager
 def proxies(upstream: int) -> Iterator[tuple[dict[str, str], dict[str, int]]]:
-    """Both reference proxies in front of `upstream`; yields their chat URLs and pids."""
+    """The reference proxies in front of `upstream`; yields their chat URLs and pids."""
     with ExitStack() as stack:
         urls, pids = {}, {}
         for name in PROXIES:
@@ -252,12 +274,13 @@ def table(result: Floors, connections: list[int]) -> list[str]:
 
 if __name__ == "__main__":
     kind, upstream_port, own_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    serve = {"aiohttp": serve_aiohttp, "aiohttp+olla-client": serve_aiohttp_olla_client, "asyncio": serve_asyncio}
+    serve = {"aiohttp": serve_aiohttp, "aiohttp+olla-client": serve_aiohttp_olla_client,
+             "aiohttp-server+olla-client": serve_aiohttp_server_olla_client, "asyncio": serve_asyncio}  # fmt: skip
     serve[kind](upstream_port, own_port)
 
 
 def run(rounds: int, seconds: float, connections: list[int], log: Path) -> Floors:
-    """nginx's proxy, olla and both reference proxies in front of one nginx upstream, interleaved."""
+    """nginx's proxy, olla and the reference proxies in front of one nginx upstream, interleaved."""
     from bench.overhead.throughput import WORKLOADS, targets
 
     with targets(log) as (urls, pids), proxies(int(urls["chat"]["direct"].split(":")[2].split("/")[0])) as more:
