@@ -3,7 +3,8 @@
 A model resolves through, in order: an endpoint's id or alias from /v1/models,
 the file name of a path id (`x.gguf` matches `/models/x.gguf`), and the
 configured `model_aliases`. The pool is every endpoint serving the model; its
-tiers are its routable members grouped by priority, best first.
+tiers are its routable members grouped by priority, best first. A pool is worked
+out once and kept until the registry next changes (discovery, health, a reload).
 
 A reload hands the registry a new endpoint list (`replace`), matched by name. An
 endpoint that is still the same server keeps its object, and so its health,
@@ -47,7 +48,7 @@ class Pool:
         """Routable members not yet tried, grouped by priority, best tier first."""
         by_priority: dict[int, list[Endpoint]] = {}
         for e in self.members:
-            if e.health is Health.HEALTHY and e not in exclude:  # endpoints compare by identity
+            if e.routable and e not in exclude:  # endpoints compare by identity
                 by_priority.setdefault(e.config.priority, []).append(e)
         if len(by_priority) < 2:
             return list(by_priority.values())

@@ -12,7 +12,7 @@ from olla.balancer import BALANCERS, LeastConnections, Priority, RoundRobin
 from olla.config import EndpointConfig
 from olla.endpoint import Discovery, Endpoint, Health, Outcome, Probe
 from olla.errors import ModelNotFound, ModelRequired, NoHealthyEndpoint
-from olla.registry import Registry
+from olla.registry import POOLS_KEPT, Registry
 
 
 def cfg(name: str, priority: int = 100, interval: float = 5.0, kind: str = "llamacpp") -> EndpointConfig:
@@ -158,6 +158,30 @@ def test_an_undiscovered_endpoint_makes_an_unknown_model_a_503_not_a_404() -> No
     healthy(registry, "a", "m1")
     with pytest.raises(NoHealthyEndpoint, match="not yet discovered: b"):
         registry.pool("m2")
+
+
+def test_a_pool_follows_discovery_and_reloads_though_it_is_looked_up_once() -> None:
+    registry = Registry([cfg("a"), cfg("b")])
+    healthy(registry, "a", "m")
+    healthy(registry, "b", "other")
+    assert registry.pool("m") is registry.pool("m")  # kept between requests
+    assert [e.name for e in registry.pool("m").members] == ["a"]
+    registry.record_discovery(registry.endpoints["b"], Discovery(models=("m",)), 0.0)
+    assert [e.name for e in registry.pool("m").members] == ["a", "b"]
+    registry.replace([cfg("a"), cfg("b")], {"alias": ["m"]})
+    assert [e.name for e in registry.pool("alias").members] == ["a", "b"]
+    registry.replace([cfg("b")], {})
+    assert [e.name for e in registry.pool("m").members] == ["b"]
+    with pytest.raises(ModelNotFound):
+        registry.pool("alias")
+
+
+def test_pools_kept_stay_bounded_whatever_model_names_clients_send() -> None:
+    registry = Registry([cfg("a")])
+    healthy(registry, "a", "/models/x.gguf")
+    for i in range(3 * POOLS_KEPT):
+        assert registry.pool(f"/dir{i}/x.gguf").members == (registry.endpoints["a"],)
+    assert len(registry._pools) <= POOLS_KEPT
 
 
 def names(tiers: list[list[Endpoint]]) -> list[list[str]]:
