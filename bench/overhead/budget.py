@@ -59,18 +59,13 @@ def shell(config: str) -> int:
     """`olla serve` with the proxy's handler replaced by a minimal forward to the first endpoint."""
     from aiohttp import web
 
+    from bench.overhead.floors import relay
     from olla.cli import main
     from olla.profiles import Profile
     from olla.proxy import Proxy
 
     async def forward(self: Proxy, request: web.Request, profile: Profile) -> web.StreamResponse:
-        body = await request.read()
-        endpoint = next(iter(self.registry))
-        url = endpoint.config.url.rstrip("/") + "/" + request.match_info["tail"]
-        answer = await self.upstream.client.request(request.method, url, {"Content-Type": "application/json"}, body,
-                                                    5.0)  # fmt: skip
-        content = await answer.read()
-        return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
+        return await relay(self.upstream.client, next(iter(self.registry)).config.url.rstrip("/"), request)
 
     Proxy.handle = forward  # type: ignore[method-assign]
     return main(["serve", "-c", config])

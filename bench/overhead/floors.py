@@ -63,10 +63,7 @@ def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
     base = f"http://127.0.0.1:{upstream}"
 
     async def forward(request: web.Request) -> web.Response:
-        path, headers, body = await _incoming(request)
-        answer = await request.app[CLIENT].request(request.method, base + path, headers, body, 5.0)
-        content = await answer.read()
-        return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
+        return await relay(request.app[CLIENT], base, request)
 
     async def client(app: web.Application) -> AsyncIterator[None]:
         app[CLIENT] = Client(4.0)
@@ -84,11 +81,7 @@ def serve_aiohttp_server_olla_client(upstream: int, port: int) -> None:
         client = Client(4.0)
 
         async def forward(request: web.BaseRequest) -> web.Response:
-            path, headers, body = await _incoming(request)
-            answer = await client.request(request.method, base + path, headers, body, 5.0)
-            content = await answer.read()
-            return web.Response(body=content, status=answer.status,
-                                headers={"Content-Type": answer.headers["Content-Type"]})  # fmt: skip
+            return await relay(client, base, request)
 
         server = await asyncio.get_running_loop().create_server(web.Server(forward, access_log=None), "127.0.0.1", port)
         await server.serve_forever()
@@ -96,8 +89,16 @@ def serve_aiohttp_server_olla_client(upstream: int, port: int) -> None:
     uvloop.run(main())
 
 
+async def relay(client: Client, base: str, request: web.BaseRequest) -> web.Response:
+    """Forward a request under olla's path to `base` with olla's client; the answer's body and content type."""
+    path, headers, body = await _incoming(request)
+    answer = await client.request(request.method, base + path, headers, body, 5.0)
+    content = await answer.read()
+    return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
+
+
 async def _incoming(request: web.BaseRequest) -> tuple[str, dict[str, str], bytes]:
-    """What both aiohttp proxies forward: the path without olla's prefix, the content type, the body."""
+    """What the aiohttp proxies forward: the path without olla's prefix, the content type, the body."""
     headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
     return request.path.removeprefix(PREFIX.decode()), headers, await request.read()
 
