@@ -10,28 +10,25 @@ OpenAI-shaped JSON with `X-Olla-Request-Id` and written to the access log):
 3. Rate limits: one token from each bucket that applies, keyed by the client, or by
    the caller's address for a request without one. Else 429.
 
-`on_prepare` then adds the CORS and `X-RateLimit-*` headers to every response,
-streamed ones included, just before its headers are sent. (Endpoints' own CORS
+`headers` then adds the CORS and `X-RateLimit-*` headers to every response,
+streamed ones included, just before its headers are sent (the server's prepare hook). (Endpoints' own CORS
 headers never get that far: `upstream.response_headers` drops them.)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
+from collections.abc import Callable, Mapping
 
 from olla.clients import ANONYMOUS, Clients, caller_address, presented_key
 from olla.config import ServerConfig
 from olla.cors import PREFLIGHT_STATUS, CorsPolicy, is_preflight
 from olla.errors import AuthenticationFailed, RateLimited
-from olla.exchange import EXCHANGE
+from olla.exchange import Exchange
 from olla.limits import CALLER, GLOBAL, RateLimiter, Verdict
 from olla.metrics import Metrics
+from olla.server import Request, Response
 
-RATE_HEADERS = web.RequestKey("rate_headers", dict)
 MISSING_KEY = "Missing API key: send it as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'."
 WRONG_KEY = "Incorrect API key provided."
 
@@ -67,19 +64,19 @@ class Admission:
     def _cors(self, config: ServerConfig) -> None:
         self.cors = CorsPolicy(config.cors) if config.cors.enabled else None
 
-    def admit(self, request: web.Request) -> web.Response | None:
-        """The answer to a preflight, or None to go on; raises AuthenticationFailed or RateLimited."""
+    def admit(self, request: Request, exchange: Exchange, open_route: bool, status_route: bool) -> Response | None:
+        """The answer to a preflight, or None to go on; raises AuthenticationFailed or RateLimited.
+
+        `open_route`: the health route, never keyed; `status_route`: keyed only with `protect_status`.
+        """
         if self.cors is not None and is_preflight(request.method, request.headers):
             headers = self.cors.preflight(request.headers.get("Origin"),
                                           request.headers.get("Access-Control-Request-Headers"))  # fmt: skip
             if self.cors.varies:
                 headers["Vary"] = "Origin"
-            return web.Response(status=PREFLIGHT_STATUS, headers=headers)
-        resource = request.match_info.route.resource  # the matched route, so no spelling of a path slips past
-        path = resource.canonical if resource is not None else ""
-        open_route, status_route = path in self.open_paths, path in self.status_paths
+            return Response(PREFLIGHT_STATUS, headers=list(headers.items()))
         client = self._client(request, needs_key=not open_route and (self.protect_status or not status_route))
-        request[EXCHANGE].client = client
+        exchange.client = client
         if not self.limiter.enabled:
             return None
         caller = f"client:{client}" if client else f"ip:{self._address(request)}"
@@ -87,13 +84,13 @@ class Admission:
         if verdict is None:
             return None
         headers = verdict.headers(self.wall())
-        request[RATE_HEADERS] = headers
+        exchange.rate_headers = headers
         if not verdict.allowed:
             self.metrics.rate_limited.labels(client or ANONYMOUS, verdict.scope).inc()
             raise RateLimited(_refusal(verdict, client), verdict.retry_after, headers)
         return None
 
-    def _client(self, request: web.Request, needs_key: bool) -> str | None:
+    def _client(self, request: Request, needs_key: bool) -> str | None:
         if not self.clients:
             return None
         key = presented_key(request.headers)
@@ -102,21 +99,32 @@ class Admission:
             raise AuthenticationFailed(MISSING_KEY if key is None else WRONG_KEY)
         return client
 
-    def _address(self, request: web.Request) -> str:
+    def _address(self, request: Request) -> str:
         limits = self.limits
         return caller_address(request.remote, request.headers.get("X-Forwarded-For"), limits.trust_proxy_headers,
                               limits.trusted_proxy_cidrs)  # fmt: skip
 
-    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        if self.cors is not None and is_preflight(request.method, request.headers):
-            return
-        for name, value in request.get(RATE_HEADERS, {}).items():
-            response.headers.setdefault(name, value)
+    def headers(self, request: Request, exchange: Exchange, headers: list[tuple[str, str]]) -> None:
+        """Add the rate-limit and CORS headers to an answer's headers (not to a preflight's answer)."""
         if self.cors is None:
+            if exchange.rate_headers:
+                _add_missing(headers, exchange.rate_headers)
             return
+        if is_preflight(request.method, request.headers):
+            return
+        if exchange.rate_headers:
+            _add_missing(headers, exchange.rate_headers)
         if self.cors.varies:
-            response.headers.add("Vary", "Origin")
-        response.headers.update(self.cors.response(request.headers.get("Origin"), response.headers.keys()))
+            headers.append(("Vary", "Origin"))
+        cors = self.cors.response(request.headers.get("Origin"), [name for name, _ in headers])
+        present = {name.lower() for name in cors}
+        headers[:] = [(n, v) for n, v in headers if n.lower() not in present]
+        headers += cors.items()
+
+
+def _add_missing(headers: list[tuple[str, str]], extra: Mapping[str, str]) -> None:
+    present = {name.lower() for name, _ in headers}
+    headers += [(name, value) for name, value in extra.items() if name.lower() not in present]
 
 
 def _refusal(verdict: Verdict, client: str | None) -> str:
@@ -128,12 +136,3 @@ def _refusal(verdict: Verdict, client: str | None) -> str:
         whose = f"status requests from {f'client {client}' if client else 'your address'}"
     return (f"Rate limit reached for {whose}: {verdict.limit} requests per minute. "
             f"Please try again in {verdict.retry_after}s.")  # fmt: skip
-
-
-def middleware(admission: Admission):  # type: ignore[no-untyped-def]
-    @web.middleware
-    async def admission_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        answer = admission.admit(request)
-        return answer if answer is not None else await handler(request)
-
-    return admission_middleware

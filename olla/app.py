@@ -1,4 +1,9 @@
-"""`create_app(config)`: app keys, cleanup contexts, middlewares and routes; the only wiring.
+"""`create_app(config)`: the router's parts and its routes; the only wiring.
+
+Every request enters through `App.front` (olla.exchange), which calls
+`App.dispatch`: admission, then one of olla's own routes (status, models,
+health, metrics), or a profile's prefix, whose requests the proxy forwards.
+Paths are matched as sent, percent-escapes and all.
 
 `reload(app, path)` applies a config file to the running app (SIGHUP in `olla
 serve`): a new config is built and swapped in, never the old one changed.
@@ -15,37 +20,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aiohttp import web
-
-from olla import admission, discovery, health
+from olla import discovery, health
 from olla.admission import Admission
 from olla.balancer import BALANCERS
 from olla.config import Config, load_config
 from olla.endpoint import Endpoint
-from olla.errors import ConfigError
-from olla.exchange import Traffic
-from olla.exchange import middleware as exchange_middleware
+from olla.errors import ConfigError, MethodNotAllowed, RouteNotFound
+from olla.exchange import Answer, Exchange, Front, Traffic
 from olla.http1 import Client
 from olla.metrics import Metrics
+from olla.profiles import Profile
 from olla.proxy import Proxy
 from olla.registry import Registry
+from olla.server import HEAD_TIMEOUT, Request, Response, Server
 from olla.slotqueue import SlotQueue
 from olla.status import LoadedConfig, Status
 from olla.upstream import KEEPALIVE, Upstream
 
 log = logging.getLogger("olla.config")
 
-CONFIG = web.AppKey("config", LoadedConfig)
-REGISTRY = web.AppKey("registry", Registry)
-METRICS = web.AppKey("metrics", Metrics)
-PROXY = web.AppKey("proxy", Proxy)
-QUEUE = web.AppKey("queue", SlotQueue)
-ADMISSION = web.AppKey("admission", Admission)
-TRAFFIC = web.AppKey("traffic", Traffic)
 HEALTH_PATH = "/internal/health"  # always open: probes carry no key
+OPEN, STATUS, OTHER = "open", "status", "other"  # what a route needs from admission (see olla.admission)
+GET = frozenset({"GET", "HEAD"})
 
 
 class Monitors:
@@ -76,79 +75,101 @@ class Monitors:
         await asyncio.gather(*stopping, return_exceptions=True)
 
 
-MONITORS = web.AppKey("monitors", Monitors)
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """A route olla answers itself: its handler, methods and what admission asks of it."""
+
+    handler: Callable[[Request], Awaitable[Response]]
+    methods: frozenset[str]
+    kind: str
 
 
-def create_app(config: Config) -> web.Application:
-    metrics = Metrics()
-    default_slots = {name: profile.default_slots for name, profile in config.profiles.items()}
-    registry = Registry(config.discovery.endpoints, config.model_aliases, default_slots)
-    metrics.declare(e.name for e in registry)
-    balancer = BALANCERS[config.proxy.load_balancer]()
-    queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics,
-                      config.proxy.affinity.hold)  # fmt: skip
-    registry.listeners.append(queue.wake)
-    queue.recount = registry.recount
-    loaded = LoadedConfig(config)
-    status = Status(registry, metrics, queue, loaded)
-    # Status routes need a key only with server.auth.protect_status, and have their own rate budget.
-    status_routes = {"/internal/status": status.status, "/internal/status/endpoints": status.endpoints,
-                     "/internal/status/models": status.status_models, "/metrics": status.prometheus}  # fmt: skip
-    gate = Admission(config.server, metrics, frozenset({HEALTH_PATH}), frozenset(status_routes))
-    traffic = Traffic()
-    # Outermost first: the exchange middleware renders and logs what admission refuses (CORS → auth → rate limit).
-    # Bodies are read and limited by the proxy itself, which answers 413 in OpenAI's shape.
-    app = web.Application(
-        middlewares=[exchange_middleware(metrics, traffic), admission.middleware(gate)],
-        client_max_size=config.server.max_body_size,
-    )
-    app.on_response_prepare.append(gate.on_prepare)
-    app[CONFIG] = loaded
-    app[ADMISSION] = gate
-    app[REGISTRY] = registry
-    app[METRICS] = metrics
-    app[QUEUE] = queue
-    app[TRAFFIC] = traffic
-    app[MONITORS] = Monitors(registry, metrics)
+class App:
+    """The router's parts, wired; `await start()` its loops, then serve `front` (`olla.server`); `await close()`."""
 
-    app.cleanup_ctx.append(_proxy)
-    app.cleanup_ctx.append(_monitors)
+    def __init__(self, config: Config) -> None:
+        self.metrics = metrics = Metrics()
+        default_slots = {name: profile.default_slots for name, profile in config.profiles.items()}
+        self.registry = registry = Registry(config.discovery.endpoints, config.model_aliases, default_slots)
+        metrics.declare(e.name for e in registry)
+        balancer = BALANCERS[config.proxy.load_balancer]()
+        self.queue = queue = SlotQueue(balancer, config.proxy.queue.max_size, config.proxy.queue.timeout, metrics,
+                                       config.proxy.affinity.hold)  # fmt: skip
+        registry.listeners.append(queue.wake)
+        queue.recount = registry.recount
+        self.config = LoadedConfig(config)
+        self.client = Client(KEEPALIVE)
+        self.proxy = Proxy(config, registry, Upstream(self.client, config.proxy), metrics, queue)
+        self.monitors = Monitors(registry, metrics)
+        self.traffic = Traffic()
+        status = Status(registry, metrics, queue, self.config)
+        # Status routes need a key only with server.auth.protect_status, and have their own rate budget.
+        self.routes = {
+            HEALTH_PATH: Route(status.health, GET, OPEN),
+            "/internal/status": Route(status.status, GET, STATUS),
+            "/internal/status/endpoints": Route(status.endpoints, GET, STATUS),
+            "/internal/status/models": Route(status.status_models, GET, STATUS),
+            "/metrics": Route(status.prometheus, GET, STATUS),
+            "/olla/models": Route(status.models, GET, OTHER),
+        }
+        self.prefixes: dict[str, Profile] = {}  # "llamacpp" (of /olla/llamacpp/...) -> its profile
+        for profile in config.profiles.values():
+            for prefix in profile.prefixes:
+                self.prefixes[prefix] = profile
+                self.routes[f"/olla/{prefix}{profile.models_path}"] = Route(status.openai_models,
+                                                                            frozenset({"GET"}), OTHER)  # fmt: skip
+        self.admission = Admission(config.server, metrics, frozenset({HEALTH_PATH}),
+                                   frozenset(p for p, r in self.routes.items() if r.kind == STATUS))  # fmt: skip
+        self.front = Front(self.dispatch, metrics, self.traffic, self.admission.headers)
 
-    routes = app.router
-    for profile in config.profiles.values():
-        for prefix in profile.prefixes:
-            routes.add_get(f"/olla/{prefix}{profile.models_path}", status.openai_models, allow_head=False)
-            routes.add_route("*", f"/olla/{prefix}/{{tail:.*}}", _proxied(app, profile))
-    routes.add_get("/olla/models", status.models)
-    routes.add_get(HEALTH_PATH, status.health)
-    for path, handler in status_routes.items():
-        routes.add_get(path, handler)
-    return app
+    async def dispatch(self, request: Request, exchange: Exchange) -> Answer:
+        """Admission, then the route the path names: one of olla's own, or a profile's prefix (forwarded)."""
+        path = request.raw_path  # as sent: "%2F" or "/../" never turn into another route
+        route = self.routes.get(path)
+        kind = route.kind if route is not None else OTHER
+        answer = self.admission.admit(request, exchange, kind == OPEN, kind == STATUS)
+        if answer is not None:
+            return answer
+        if route is not None and request.method in route.methods:
+            return await route.handler(request)
+        if path.startswith("/olla/"):
+            prefix, slash, rest = path[6:].partition("/")
+            profile = self.prefixes.get(prefix) if slash else None
+            if profile is not None:
+                return await self.proxy.handle(request, exchange, profile, "/" + rest)
+        if route is not None:
+            raise MethodNotAllowed(request.method, request.path, ", ".join(sorted(route.methods)))
+        raise RouteNotFound(f"{request.method} {request.path} is not served by olla")
+
+    async def start(self) -> None:
+        """Start every endpoint's probe, discovery and slot loops."""
+        for endpoint in self.registry:
+            self.monitors.start(endpoint, self.config.config, self.proxy.upstream)
+
+    async def close(self) -> None:
+        for endpoint in list(self.monitors.tasks):
+            self.monitors.stop(endpoint)
+        await self.monitors.stopped()
+        self.client.close()
+
+    async def serve(self, host: str, port: int, *, shutdown_timeout: float = 10.0,
+                    head_timeout: float = HEAD_TIMEOUT) -> Server:  # fmt: skip
+        """Start the loops and listen; `await stop(server)` undoes both."""
+        await self.start()
+        try:
+            return await Server.start(self.front, host, port, prepare=self.front.prepare,
+                                      shutdown_timeout=shutdown_timeout, head_timeout=head_timeout)  # fmt: skip
+        except BaseException:
+            await self.close()
+            raise
+
+    async def stop(self, server: Server) -> None:
+        await server.stop()
+        await self.close()
 
 
-def _proxied(app: web.Application, profile):  # type: ignore[no-untyped-def]
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await app[PROXY].handle(request, profile)
-
-    return handle
-
-
-async def _proxy(app: web.Application) -> AsyncIterator[None]:
-    client = Client(KEEPALIVE)
-    config = app[CONFIG].config
-    app[PROXY] = Proxy(config, app[REGISTRY], Upstream(client, config.proxy), app[METRICS], app[QUEUE])
-    yield
-    client.close()
-
-
-async def _monitors(app: web.Application) -> AsyncIterator[None]:
-    monitors = app[MONITORS]
-    for endpoint in app[REGISTRY]:
-        monitors.start(endpoint, app[CONFIG].config, app[PROXY].upstream)
-    yield
-    for endpoint in list(monitors.tasks):
-        monitors.stop(endpoint)
-    await monitors.stopped()
+def create_app(config: Config) -> App:
+    return App(config)
 
 
 # ---- reload ------------------------------------------------------------------------------
@@ -161,22 +182,22 @@ NEEDS_RESTART: dict[str, Callable[[Config], object]] = {
 }
 
 
-async def reload(app: web.Application, path: str | Path) -> bool:
+async def reload(app: App, path: str | Path) -> bool:
     """Load the config file and apply it; True when applied. A refused file leaves the running config serving."""
     try:
         apply(app, load_config(path))
     except ConfigError as exc:
-        app[CONFIG].refused(exc.problems)
+        app.config.refused(exc.problems)
         log.error("config reload refused; the running config keeps serving",
                   extra={"source": str(path), "problems": exc.problems})  # fmt: skip
         return False
-    await app[MONITORS].stopped()
+    await app.monitors.stopped()
     return True
 
 
-def apply(app: web.Application, config: Config) -> None:
+def apply(app: App, config: Config) -> None:
     """Swap a new config in (see the module docstring); raises ConfigError when it cannot apply without a restart."""
-    loaded, registry, proxy, monitors = app[CONFIG], app[REGISTRY], app[PROXY], app[MONITORS]
+    loaded, registry, proxy, monitors = app.config, app.registry, app.proxy, app.monitors
     running = loaded.config
     loaded_types = ", ".join(sorted(running.profiles))
     unknown = [f"{config.source}: discovery.static.endpoints[{i}].type: not a profile olla loaded at startup (a new "
@@ -190,16 +211,16 @@ def apply(app: web.Application, config: Config) -> None:
 
     change = registry.replace(config.discovery.endpoints, config.model_aliases)
     names = change.names()
-    app[METRICS].declare(names["added"])
+    app.metrics.declare(names["added"])
     proxy.configure(config)
-    app[ADMISSION].reconfigure(config.server)
+    app.admission.reconfigure(config.server)
     intervals = (config.discovery.model_discovery_interval, config.discovery.slots_interval)
     restart_all = intervals != (running.discovery.model_discovery_interval, running.discovery.slots_interval)
     for endpoint in list(monitors.tasks) if restart_all else change.removed:
         monitors.stop(endpoint)
     for endpoint in list(registry) if restart_all else change.added:
         monitors.start(endpoint, config, proxy.upstream)
-    app[QUEUE].follow(list(registry), [e for e in change.removed if e.name in names["removed"]])
+    app.queue.follow(list(registry), [e for e in change.removed if e.name in names["removed"]])
     loaded.swap(config)
     log.info("config reloaded", extra={"source": config.source, "sha256": config.sha256, **names})
     if restart:

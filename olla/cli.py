@@ -1,7 +1,7 @@
 """The `olla` command: arguments, logging, and the serve lifecycle.
 
 serve: load config → start (the demo's emulated fleet, then the router behind
-its listener, olla/listener.py) → wait for SIGTERM/SIGINT → drain in-flight
+its server, olla/server.py) → wait for SIGTERM/SIGINT → drain in-flight
 requests up to `shutdown_timeout` → exit 0. A second signal exits at once.
 SIGHUP meanwhile reloads the config file (`olla.app.reload`); the demo has none.
 """
@@ -76,14 +76,13 @@ async def serve_demo(host: str, port: int) -> int:
 
 async def serve(config, path: Path | None = None) -> int:  # type: ignore[no-untyped-def]
     """Serve until SIGTERM/SIGINT; SIGHUP reloads `path` (None: there is no file to reload)."""
-    from olla.app import CONFIG, TRAFFIC, create_app
-    from olla.listener import Listener
+    from olla.app import create_app
 
     host, port = config.server.host, config.server.port
     app = create_app(config)
     try:
         # The drain below waits for requests in flight; whatever is left after it gets a last second.
-        listener = await Listener.start(app, host, port, shutdown_timeout=1.0)
+        server = await app.serve(host, port, shutdown_timeout=1.0)
     except OSError as exc:
         log.error("cannot listen", extra={"host": host, "port": port, "error": str(exc)})
         return 1
@@ -97,7 +96,7 @@ async def serve(config, path: Path | None = None) -> int:  # type: ignore[no-unt
         if stop.is_set():
             os._exit(128 + signum)
         log.info("draining", extra={"signal": signal.Signals(signum).name,
-                                    "timeout": app[CONFIG].config.server.shutdown_timeout})  # fmt: skip
+                                    "timeout": app.config.config.server.shutdown_timeout})  # fmt: skip
         stop.set()
 
     def on_reload() -> None:
@@ -112,23 +111,23 @@ async def serve(config, path: Path | None = None) -> int:  # type: ignore[no-unt
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     await stop.wait()
-    traffic = app[TRAFFIC]
+    traffic = app.traffic
     traffic.draining = True  # new requests now get 503 shutting_down
     try:
-        async with asyncio.timeout(app[CONFIG].config.server.shutdown_timeout):
+        async with asyncio.timeout(app.config.config.server.shutdown_timeout):
             await traffic.idle()
     except TimeoutError:
         log.warning("drain timed out", extra={"in_flight": traffic.in_flight})
-    await listener.stop()
+    await app.stop(server)
     log.info("stopped")
     return 0
 
 
 async def _reload(app, path: Path) -> None:  # type: ignore[no-untyped-def]
-    from olla.app import CONFIG, reload
+    from olla.app import reload
 
-    before = app[CONFIG].config.logging
-    if await reload(app, path) and (after := app[CONFIG].config.logging) != before:
+    before = app.config.config.logging
+    if await reload(app, path) and (after := app.config.config.logging) != before:
         setup_logging(after.level, after.format)
 
 

@@ -29,7 +29,7 @@ from olla.values import (
     url_key,
 )
 
-# Set by olla or aiohttp per request; a configured value would break the exchange.
+# Set by olla's client per request; a configured value would break the exchange.
 MANAGED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te"})
 _ENDPOINT_KEYS = ("url", "name", "type", "priority", "model_url", "health_check_url", "check_interval",
                   "check_timeout", "slots", "headers")  # fmt: skip

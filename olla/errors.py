@@ -7,14 +7,14 @@
         │   ├── InvalidJSON         400    invalid_json          invalid_request_error
         │   ├── ModelRequired       400    model_required        invalid_request_error
         │   ├── InvalidField        400    invalid_request (+ param)               (olla.requestcheck)
-        │   ├── MalformedRequest    400    malformed_request                       (olla.listener)
-        │   ├── BodyTimeout         408    request_timeout                         (olla.requestcheck)
-        │   ├── ExpectationFailed   417    expectation_failed                      (olla.listener)
-        │   └── HeadTooLarge        431    header_too_large                        (olla.listener)
+        │   ├── MalformedRequest    400    malformed_request                       (olla.server)
+        │   ├── BodyTimeout         408    request_timeout                         (olla.server)
+        │   ├── ExpectationFailed   417    expectation_failed                      (olla.server)
+        │   └── HeadTooLarge        431    header_too_large                        (olla.server)
         ├── AuthenticationFailed    401    invalid_api_key       authentication_error  (WWW-Authenticate)
         ├── RouteNotFound           404    not_found             not_found_error
         ├── ModelNotFound           404    model_not_found       invalid_request_error
-        ├── MethodNotAllowed        405    method_not_allowed    invalid_request_error
+        ├── MethodNotAllowed        405    method_not_allowed    invalid_request_error  (Allow)
         ├── BodyTooLarge            413    request_too_large     invalid_request_error
         ├── RateLimited             429    rate_limit_exceeded   rate_limit_error  (Retry-After, X-RateLimit-*)
         ├── NoHealthyEndpoint       503    no_healthy_endpoint   server_error  (Retry-After)
@@ -26,7 +26,7 @@
             ├── UpstreamRejected    (the endpoint answered 502/503/504 before any byte)
             └── UpstreamBroken      502    upstream_stream_broken server_error
 
-Only `upstream.py` turns aiohttp's exceptions into these; one middleware turns
+Only `upstream.py` turns the client's exceptions into these; one place (`exchange.Front`) turns
 a RequestFailed into OpenAI-shaped JSON `{"error": {"message", "type", "code"}}`,
 with `Retry-After` when `retry_after` is set and any `headers()` the error adds.
 """
@@ -81,6 +81,29 @@ class ModelRequired(InvalidRequest):
     code = "model_required"
 
 
+class MalformedRequest(InvalidRequest):
+    """Not a valid HTTP/1.x request: the server's parser refused it."""
+
+    code = "malformed_request"
+
+
+class BodyTimeout(InvalidRequest):
+    """The client stopped sending its body part way (a slow-loris body)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class ExpectationFailed(InvalidRequest):
+    status = 417
+    code = "expectation_failed"
+
+
+class HeadTooLarge(InvalidRequest):
+    status = 431
+    code = "header_too_large"
+
+
 class AuthenticationFailed(RequestFailed):
     """No API key, or one no client has; the message never repeats the key."""
 
@@ -108,6 +131,13 @@ class MethodNotAllowed(RequestFailed):
     status = 405
     code = "method_not_allowed"
     type = "invalid_request_error"
+
+    def __init__(self, method: str, path: str, allowed: str) -> None:
+        super().__init__(f"{method} is not allowed on {path}; use {allowed}")
+        self.allowed = allowed
+
+    def headers(self) -> Mapping[str, str]:
+        return {"Allow": self.allowed}
 
 
 class BodyTooLarge(RequestFailed):

@@ -1,8 +1,9 @@
-"""One client request from receipt to last byte, and the middleware around every request.
+"""One client request from receipt to last byte, and the front every request passes through.
 
-The middleware is the one place a RequestFailed becomes an OpenAI-shaped JSON
-error, and the one place the access log line and the request metrics are
-written.
+`Front` is the server's handler (olla.server): it makes the request's Exchange,
+runs admission and the matched route, and is the one place a RequestFailed
+becomes an OpenAI-shaped JSON error, and the one place the access log line and
+the request metrics are written.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ import logging
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from olla import __version__, logs
+from olla import logs
 from olla.clients import ANONYMOUS
-from olla.errors import MethodNotAllowed, RequestFailed, RouteNotFound, ShuttingDown
+from olla.errors import RequestFailed, ShuttingDown
 from olla.metrics import Metrics
+from olla.server import Request, Response, Stream
+from olla.wire import VIA
 
 log = logging.getLogger("olla.exchange")
-VIA = f"1.1 olla/{__version__}"
 REQUEST_ID_LIMIT = 128
 # Request ids need to be unique, not secret: secrets.token_hex (a getrandom call) was 2% of the router's CPU.
 _ids = random.Random(os.urandom(16))
-
+Answer = Response | Stream
 
 @dataclass
 class Exchange:
@@ -46,12 +47,10 @@ class Exchange:
     strategy: str | None = None  # the balancer's name once the request reached routing; then the
     decision: str = "rejected"  # X-Olla-Routing-* headers tell how it was routed
     reason: str = "model_unavailable"
+    rate_headers: Mapping[str, str] | None = None  # X-RateLimit-* for its answer, set by admission
 
     def elapsed_ms(self, now: float | None = None) -> float:
         return ((now if now is not None else time.monotonic()) - self.started) * 1000
-
-
-EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
 class Traffic:
@@ -76,88 +75,76 @@ class Traffic:
         await self._idle.wait()
 
 
-def request_id(request: web.Request) -> str:
+def request_id(request: Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     if given and len(given) <= REQUEST_ID_LIMIT and given.isprintable():
         return given
     return f"{_ids.getrandbits(64):016x}"
 
 
-def error_response(exc: RequestFailed, exchange: Exchange) -> web.Response:
-    headers = {"X-Olla-Request-Id": exchange.request_id, "Via": VIA}
+def error_response(exc: RequestFailed, exchange: Exchange) -> Response:
+    headers = [("Content-Type", "application/json"), ("Via", VIA)]
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(exc.retry_after)
-    headers.update(exc.headers())
+        headers.append(("Retry-After", str(exc.retry_after)))
+    headers += exc.headers().items()
     if exchange.strategy is not None:
-        headers["X-Olla-Routing-Strategy"] = exchange.strategy
-        headers["X-Olla-Routing-Decision"] = exchange.decision
-        headers["X-Olla-Routing-Reason"] = exchange.reason
-    return web.Response(
-        status=exc.status, body=orjson.dumps(exc.body()), content_type="application/json", headers=headers
-    )
+        headers += [("X-Olla-Routing-Strategy", exchange.strategy), ("X-Olla-Routing-Decision", exchange.decision),
+                    ("X-Olla-Routing-Reason", exchange.reason)]  # fmt: skip
+    return Response(exc.status, orjson.dumps(exc.body()), headers)
 
 
-def _translated(exc: web.HTTPException, request: web.Request) -> RequestFailed:
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
-    if exc.status == 404:
-        return RouteNotFound(f"{request.method} {request.path} is not served by olla")
-    failure = RequestFailed(exc.reason)
-    failure.status, failure.code = exc.status, exc.reason.lower().replace(" ", "_")
-    failure.type = "invalid_request_error"
-    return failure
+Dispatch = Callable[[Request, Exchange], Awaitable[Answer]]
 
 
-def middleware(metrics: Metrics, traffic: Traffic):  # type: ignore[no-untyped-def]
-    @web.middleware
-    async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+class Front:
+    """The server's handler: an Exchange per request around `dispatch`, errors rendered, the request logged and counted.
+
+    `prepare` is the server's hook for every answer's head, streamed ones included:
+    `X-Olla-Request-Id`, then what `admission` adds (rate-limit and CORS headers).
+    """
+
+    def __init__(self, dispatch: Dispatch, metrics: Metrics, traffic: Traffic,
+                 admit_headers: Callable[[Request, Exchange, list[tuple[str, str]]], None]) -> None:  # fmt: skip
+        self.dispatch = dispatch
+        self.metrics = metrics
+        self.traffic = traffic
+        self.admit_headers = admit_headers
+
+    def prepare(self, request: Request, status: int, headers: list[tuple[str, str]]) -> None:
+        exchange: Exchange = request.state
+        headers.append(("X-Olla-Request-Id", exchange.request_id))
+        self.admit_headers(request, exchange, headers)
+
+    async def __call__(self, request: Request) -> Answer:
         exchange = Exchange(request_id(request), time.monotonic())
-        request[EXCHANGE] = exchange
-        if traffic.draining:
+        request.state = exchange
+        if self.traffic.draining:
             response = error_response(ShuttingDown("olla is shutting down; retry on another instance"), exchange)
-            response.force_close()
-            exchange.status = response.status
-            finish(exchange, request, metrics)
-            return response
-        traffic.enter()
+            response.close = True
+            return self._finish(request, exchange, response)
+        self.traffic.enter()
         try:
-            return await _handle(request, handler, exchange, metrics)
+            try:
+                answer = await self.dispatch(request, exchange)
+            except RequestFailed as exc:
+                answer = error_response(exc, exchange)
+            except (ConnectionResetError, asyncio.CancelledError):
+                exchange.status = exchange.status or 499  # the client left; nothing more can be sent
+                finish(exchange, request, self.metrics)
+                raise
+            return self._finish(request, exchange, answer)
         finally:
-            traffic.leave()
+            self.traffic.leave()
 
-    return exchange_middleware
-
-
-async def _handle(request: web.Request, handler: Handler, exchange: Exchange, metrics: Metrics) -> web.StreamResponse:
-    """Run the handler; render a RequestFailed (or aiohttp's own 404/405) as OpenAI JSON; log and count it."""
-    try:
-        response = await handler(request)
-    except RequestFailed as exc:
-        response = error_response(exc, exchange)
-    except web.HTTPException as exc:  # aiohttp's own 404/405 for paths outside every route
-        response = error_response(_translated(exc, request), exchange)
-        if isinstance(exc, web.HTTPMethodNotAllowed):
-            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-    except ConnectionResetError:
-        exchange.status = exchange.status or 499  # the client left; nothing more can be sent
-        finish(exchange, request, metrics)
-        raise
-    exchange.status = response.status
-    if not response.prepared:
-        response.headers.setdefault("X-Olla-Request-Id", exchange.request_id)
-        exchange.bytes_sent = exchange.bytes_sent or (response.content_length or 0)
-        try:  # sent now rather than by aiohttp after we return: the log line and metrics then follow the last byte
-            await response.prepare(request)
-            await response.write_eof()
-        finally:
-            finish(exchange, request, metrics)
-        return response
-    finish(exchange, request, metrics)
-    return response
+    def _finish(self, request: Request, exchange: Exchange, answer: Answer) -> Answer:
+        exchange.status = answer.status
+        if isinstance(answer, Response):
+            exchange.bytes_sent = exchange.bytes_sent or len(answer.body)
+        finish(exchange, request, self.metrics)  # a whole answer goes out as this returns, in one write
+        return answer
 
 
-def finish(exchange: Exchange, request: web.Request, metrics: Metrics) -> None:
+def finish(exchange: Exchange, request: Request, metrics: Metrics) -> None:
     now = time.monotonic()
     metrics.answered(exchange.endpoint or "", exchange.model_id or "", exchange.route, exchange.status,
                      exchange.client or ANONYMOUS, now - exchange.started)  # fmt: skip

@@ -13,32 +13,30 @@ event (or a cut connection for non-SSE bodies) so the client knows.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
 
-from olla import requestcheck
+from olla import http1, requestcheck
 from olla.affinity import AffinityMap, Keys, keys_for
 from olla.balancer import BALANCERS, Balancer
 from olla.config import Config, ProxyConfig
 from olla.endpoint import Endpoint, Outcome
 from olla.errors import (
-    BodyTooLarge, InvalidRequest, MethodNotAllowed, NoHealthyEndpoint, RequestFailed, RouteNotFound, UpstreamBroken,
+    MethodNotAllowed, NoHealthyEndpoint, RequestFailed, RouteNotFound, UpstreamBroken,
     UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnreachable,
 )  # fmt: skip
-from olla.exchange import EXCHANGE, VIA, Exchange
-from olla.http1 import Response
+from olla.exchange import Answer, Exchange
 from olla.metrics import Metrics
 from olla.profiles import Profile, Route
 from olla.registry import Pool, Registry
+from olla.server import Request, Response
 from olla.slotqueue import SlotQueue
 from olla.upstream import Upstream, request_headers, response_headers
+from olla.wire import VIA
 
-READ_CHUNK = 64 * 1024
 BODY_TIMEOUT = 30.0  # longest silence while a client sends its body: a slow-loris body gets 408
 SESSION_HEADER = "X-Olla-Session-ID"
 
@@ -87,19 +85,19 @@ class Proxy:
         self.queue.max_size, self.queue.timeout = new.queue.max_size, new.queue.timeout
         self.queue.hold = new.affinity.hold
 
-    async def handle(self, request: web.Request, profile: Profile) -> web.StreamResponse:
-        exchange = request[EXCHANGE]
-        path = "/" + request.match_info["tail"]
+    async def handle(self, request: Request, exchange: Exchange, profile: Profile, path: str) -> Answer:
+        """Forward `request`, whose path under the profile's prefix is `path` (as sent, with its leading "/")."""
         route = self._route(profile, path, request)
         exchange.route = route.path
-        body = await self._read_body(request)
+        limit = self.config.server.max_body_size
+        body = await request.read(limit, BODY_TIMEOUT)
         document = requestcheck.read(body, route, profile.model_field)
         exchange.model = self._model(request, profile, route, document)
         session = requestcheck.header_text(request.headers, SESSION_HEADER)
         pool = self.registry.pool(exchange.model, profile.name)
         exchange.model = pool.model
         exchange.strategy = self.balancer.name
-        query = request.rel_url.raw_query_string  # as sent: decoding would turn %26 into a parameter boundary
+        query = request.query_string  # as sent: decoding would turn %26 into a parameter boundary
         plan = Plan(
             profile, route, pool, path + (f"?{query}" if query else ""), body,
             streaming=isinstance(document, dict) and document.get("stream") is True,
@@ -114,47 +112,19 @@ class Proxy:
             self.registry.probe_soon(pool)  # demand: an endpoint backing off its probes may be back already
             raise
 
-    def _route(self, profile: Profile, path: str, request: web.Request) -> Route:
-        route = profile.route(path)
+    def _route(self, profile: Profile, path: str, request: Request) -> Route:
+        route = profile.route(path)  # the allowlist matches the path as sent: %2F or %2E never reach a route
         if route is None:
+            if "%" in path:
+                raise RouteNotFound(f"{request.raw_path} is not a {profile.name} route olla forwards: "
+                                    "send the path without percent-escapes (see docs/endpoints.md)")  # fmt: skip
             raise RouteNotFound(f"{path} is not a {profile.name} route olla forwards (see docs/endpoints.md)")
-        if not request.rel_url.raw_path.endswith(path):
-            # aiohttp decodes %2F and %2E in the tail; the allowlist matches the path as sent.
-            raise RouteNotFound(
-                f"{request.rel_url.raw_path} is not a {profile.name} route olla forwards: "
-                "send the path without percent-escapes (see docs/endpoints.md)"
-            )
         if request.method not in route.methods:
-            allowed = ", ".join(sorted(route.methods))
-            raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use {allowed}")
+            raise MethodNotAllowed(request.method, path, ", ".join(sorted(route.methods)))
         return route
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.config.server.max_body_size
-        if request.content_length is not None and request.content_length > limit:
-            raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                chunk = request.content.read_nowait(READ_CHUNK)  # what has arrived needs no timer (a small body
-                if not chunk and not request.content.is_eof():  # comes with the headers): ~2% of CPU per request
-                    async with asyncio.timeout(BODY_TIMEOUT):
-                        chunk = await request.content.read(READ_CHUNK)
-            except TimeoutError as exc:
-                raise requestcheck.BodyTimeout(f"no byte of the request body arrived for {BODY_TIMEOUT:g}s") from exc
-            except web.RequestPayloadError as exc:  # a broken chunked framing or compressed body
-                reason = str(exc).splitlines()[-1].strip()
-                raise InvalidRequest(f"request body could not be read: {reason}") from exc
-            if not chunk:
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-
     @staticmethod
-    def _model(request: web.Request, profile: Profile, route: Route, document: object) -> str | None:
+    def _model(request: Request, profile: Profile, route: Route, document: object) -> str | None:
         if route.model_from_body and isinstance(document, dict):
             model = document.get(profile.model_field)
             if isinstance(model, str):
@@ -170,7 +140,7 @@ class Proxy:
             return await self.queue.acquire(plan.pool, tried, plan.preferred, plan.keys, tiers)
         return self.balancer.pick(tiers, None, need_slot=False)
 
-    async def _attempts(self, request: web.Request, exchange: Exchange, plan: Plan) -> web.StreamResponse:
+    async def _attempts(self, request: Request, exchange: Exchange, plan: Plan) -> Answer:
         settings = self.config.proxy
         deadline = exchange.started + settings.response_timeout
         max_attempts = (settings.retry.max_attempts or len(self.registry) or 1) if settings.retry.enabled else 1
@@ -180,7 +150,7 @@ class Proxy:
             tried.append(endpoint)
             exchange.attempts += 1
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
-            headers.popall("Content-Encoding", None)  # aiohttp decompressed the body; the bytes go out as read
+            headers.popall("Content-Encoding", None)  # the server decoded the body; the bytes go out as read
             self._enter(endpoint)
             headers_by = deadline
             if not plan.route.takes_slot:  # it cannot be waiting for a generation: silence means a stuck endpoint
@@ -230,9 +200,9 @@ class Proxy:
             plan.held_for = None
 
     async def _relay(
-        self, request: web.Request, exchange: Exchange, plan: Plan, endpoint: Endpoint,
-        upstream: Response, deadline: float,
-    ) -> web.StreamResponse:  # fmt: skip
+        self, request: Request, exchange: Exchange, plan: Plan, endpoint: Endpoint,
+        upstream: http1.Response, deadline: float,
+    ) -> Answer:  # fmt: skip
         now = time.monotonic()
         exchange.ttfb = now - exchange.started
         exchange.endpoint = endpoint.name
@@ -243,8 +213,7 @@ class Proxy:
         self.metrics.first_byte(endpoint.name, exchange.ttfb)
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         whole = None if is_sse else upstream.whole()
-        # aiohttp sets Content-Length itself for a whole body
-        headers = response_headers(upstream.headers, whole is not None)
+        headers = response_headers(upstream.headers)  # the server frames the body itself
         headers += olla_headers(exchange, plan.profile, endpoint, plan.pool)
         if self.affinity is not None and plan.route.takes_slot:
             headers.append(("X-Olla-Affinity", _affinity(plan.preferred, endpoint)))
@@ -255,9 +224,8 @@ class Proxy:
         exchange.status = upstream.status
         if whole is not None:  # all here: headers and body go out in one write, not two (~5% of CPU, overhead-notes.md)
             self.registry.record_outcome(endpoint, Outcome.OK)
-            return web.Response(status=upstream.status, reason=upstream.reason, body=whole, headers=headers)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        await response.prepare(request)
+            return Response(upstream.status, whole, headers, upstream.reason)
+        response = await request.stream(upstream.status, upstream.reason, headers)
         events = 0
         try:
             async with contextlib.aclosing(self.upstream.body(endpoint, upstream, deadline)) as chunks:
@@ -268,7 +236,8 @@ class Proxy:
         except UpstreamBroken as exc:
             self.registry.record_outcome(endpoint, Outcome.BROKEN, exc.message)
             if not is_sse:
-                raise ConnectionResetError(exc.message) from exc
+                response.cut()  # the client sees the body end short
+                return response
             event = b"data: " + orjson.dumps(exc.body()) + b"\n\n"
             await response.write(event)
             exchange.bytes_sent += len(event)
@@ -277,7 +246,7 @@ class Proxy:
             if is_sse and upstream.status == 200:
                 streamed = time.monotonic() - now
                 endpoint.record_speed(exchange.ttfb, events / streamed if events > 1 and streamed > 0 else None)
-        await response.write_eof()
+        await response.end()
         return response
 
 
@@ -292,7 +261,6 @@ def olla_headers(exchange: Exchange, profile: Profile, endpoint: Endpoint, pool:
         ("X-Olla-Endpoint", endpoint.name),
         ("X-Olla-Backend-Type", profile.name),
         ("X-Olla-Model", pool.model),
-        ("X-Olla-Request-Id", exchange.request_id),
         ("X-Olla-Response-Time", f"{round((exchange.ttfb or 0) * 1000)}ms"),
         ("Via", VIA),
         ("X-Olla-Routing-Strategy", exchange.strategy or ""),

@@ -6,8 +6,7 @@ everything else is the endpoint's to judge, and the body is forwarded as it came
 A field set to null counts as absent, as llama-server reads it.
 
     InvalidRequest (olla.errors)    status  code
-    ├── InvalidField                 400    invalid_request   (with `param`, as OpenAI's errors)
-    └── BodyTimeout                  408    request_timeout
+    └── InvalidField                 400    invalid_request   (with `param`, as OpenAI's errors)
 """
 
 from __future__ import annotations
@@ -36,13 +35,6 @@ class InvalidField(InvalidRequest):
         body = super().body()
         body["error"]["param"] = self.param
         return body
-
-
-class BodyTimeout(InvalidRequest):
-    """The client stopped sending its body part way (a slow-loris body)."""
-
-    status = 408
-    code = "request_timeout"
 
 
 def read(body: bytes, route: Route, model_field: str) -> object:
@@ -86,7 +78,7 @@ def header_text(headers: Mapping[str, str], name: str) -> str | None:
         return None
     try:
         value.encode()
-    except UnicodeEncodeError as exc:  # aiohttp keeps undecodable bytes as surrogates
+    except UnicodeEncodeError as exc:  # the server keeps undecodable bytes as surrogates
         raise InvalidRequest(f"the {name} header is not valid UTF-8") from exc
     return value
 

@@ -9,20 +9,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from aiohttp import web
-
 from olla import __version__
 from olla.config import Config
 from olla.endpoint import Endpoint
 from olla.metrics import CONTENT_TYPE, Metrics
 from olla.registry import Registry
+from olla.server import Request, Response
 from olla.slotqueue import SlotQueue
 
-JSON_HEADERS = {"Cache-Control": "no-store"}
 
-
-def _json(data: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json", headers=JSON_HEADERS)
+def _json(data: Any) -> Response:
+    return Response(200, orjson.dumps(data), [("Content-Type", "application/json"), ("Cache-Control", "no-store")])
 
 
 def safe_url(url: str) -> str:
@@ -96,7 +93,7 @@ class Status:
             "errors": e.errors,
         }
 
-    async def openai_models(self, request: web.Request) -> web.Response:
+    async def openai_models(self, request: Request) -> Response:
         created = int(self.started)
         data = []
         for model, endpoints in sorted(self.registry.models().items()):
@@ -110,7 +107,7 @@ class Status:
                 data.append({"id": alias, "object": "model", "created": created, "owned_by": "olla"})
         return _json({"object": "list", "data": data})
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Response:
         return _json({"models": self._models()})
 
     def _queue(self, endpoints: list[Endpoint]) -> dict[str, Any]:
@@ -138,10 +135,10 @@ class Status:
             })  # fmt: skip
         return out
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         return _json({"status": "healthy"})
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def status(self, request: Request) -> Response:
         endpoints = list(self.registry)
         return _json({
             "version": __version__,
@@ -156,15 +153,15 @@ class Status:
             "config": self.loaded.view(),
         })  # fmt: skip
 
-    async def endpoints(self, request: web.Request) -> web.Response:
+    async def endpoints(self, request: Request) -> Response:
         return _json({"endpoints": [self.endpoint_view(e) for e in self.registry]})
 
-    async def status_models(self, request: web.Request) -> web.Response:
+    async def status_models(self, request: Request) -> Response:
         return _json({"models": self._models()})
 
-    async def prometheus(self, request: web.Request) -> web.Response:
+    async def prometheus(self, request: Request) -> Response:
         for e in self.registry:
             self.metrics.health.labels(e.name).state(e.health.value)
             self.metrics.slots.labels(e.name).set(e.slots.total)
             self.metrics.busy_slots.labels(e.name).set(e.slots.busy)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(200, self.metrics.render(), [("Content-Type", CONTENT_TYPE)])

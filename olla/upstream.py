@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # Client credentials are for olla, never for an endpoint; X-Conversation-Id makes
 # llama-server keep generating after the client leaves, holding the slot.
+FRAMING = HOP_BY_HOP | {"content-length"}
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "cookie", "x-conversation-id"}
 REJECTED = frozenset((502, 503, 504))
 REJECTED_BODY_LIMIT = 64 * 1024
@@ -70,11 +71,9 @@ def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str |
 NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 
 
-def response_headers(upstream: CIMultiDictProxy[str], drop_length: bool = False) -> list[tuple[str, str]]:
-    """The endpoint's headers a client gets (`drop_length`: not its Content-Length either)."""
-    dropped = HOP_BY_HOP | {h.strip().lower() for h in upstream.get("connection", "").split(",")}
-    if drop_length:
-        dropped |= {"content-length"}
+def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The endpoint's headers a client gets: not its framing (Content-Length, chunked), which olla's server sets."""
+    dropped = FRAMING | {h.strip().lower() for h in upstream.get("connection", "").split(",")}
     return [(name, value) for name, value in upstream.items()
             if (lowered := name.lower()) not in dropped and not lowered.startswith(NOT_RELAYED_PREFIXES)]  # fmt: skip
 

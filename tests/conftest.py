@@ -93,12 +93,12 @@ async def sim_session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def make_router(aiohttp_client):  # type: ignore[no-untyped-def]
     """`await make_router(endpoints, ready=N, **config_sections)`: a router client once N endpoints are routable."""
-    from olla.app import REGISTRY, create_app
-    from tests.routerkit import router_config, wait_until
+    from olla.app import create_app
+    from tests.routerkit import RouterServer, router_config, wait_until
 
     async def make(endpoints: list[dict], ready: int | None = None, **sections: object):  # type: ignore[type-arg]
-        client = await aiohttp_client(create_app(router_config(endpoints, **sections)))  # type: ignore[arg-type]
-        registry = client.app[REGISTRY]
+        client = await aiohttp_client(RouterServer(create_app(router_config(endpoints, **sections))))
+        registry = client.app.registry
         want = len(endpoints) if ready is None else ready
         await wait_until(registry, lambda: sum(e.routable and e.discovery is not None for e in registry) >= want)
         return client

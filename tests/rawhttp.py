@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
-from olla.app import REGISTRY, create_app
-from olla.listener import HEAD_TIMEOUT, Listener
+from olla.app import App, create_app
+from olla.server import HEAD_TIMEOUT
 from tests.routerkit import router_config, wait_until
 
 HEADERS_END = b"\r\n\r\n"
@@ -123,17 +123,23 @@ def send_blocking(port: int, data: bytes, timeout: float = 10.0) -> Answer:
     return parse(b"".join(chunks))
 
 
+@dataclass
+class Served:
+    app: App
+    port: int
+
+
 @asynccontextmanager
 async def serving(
     endpoints: list[dict[str, Any]], ready: int | None = None, head_timeout: float = HEAD_TIMEOUT, **sections: Any
-) -> AsyncIterator[Listener]:
-    """A router behind olla's listener, as `olla serve` runs it, once `ready` (all) endpoints are routable."""
+) -> AsyncIterator[Served]:
+    """A router served as `olla serve` serves it, once `ready` (all) endpoints are routable."""
     app = create_app(router_config(endpoints, **sections))
-    listener = await Listener.start(app, "127.0.0.1", 0, shutdown_timeout=1.0, head_timeout=head_timeout)
+    server = await app.serve("127.0.0.1", 0, shutdown_timeout=1.0, head_timeout=head_timeout)
     try:
-        registry = app[REGISTRY]
+        registry = app.registry
         want = len(endpoints) if ready is None else ready
         await wait_until(registry, lambda: sum(e.routable and e.discovery is not None for e in registry) >= want)
-        yield listener
+        yield Served(app, server.port)
     finally:
-        await listener.stop()
+        await app.stop(server)

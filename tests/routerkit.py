@@ -9,10 +9,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import BaseTestServer, TestClient
+from yarl import URL
 
+from olla.app import App
 from olla.config import Config, parse_config
 from olla.registry import Registry
+from olla.server import HEAD_TIMEOUT, Server
 from olla.sim import SimConfig, SimServer
 
 CHAT = "chat-model"
@@ -35,6 +38,35 @@ async def post(client: TestClient, body: Any, path: str = "/olla/llamacpp/v1/cha
     response = await client.post(path, json=body, **kw)
     await response.read()
     return response
+
+
+class RouterServer(BaseTestServer):
+    """An olla app served as `olla serve` serves it, for aiohttp's test client: `aiohttp_client(RouterServer(app))`."""
+
+    def __init__(self, app: App, head_timeout: float = HEAD_TIMEOUT, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.app = app
+        self.head_timeout = head_timeout
+        self.server: Server | None = None
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kw: Any) -> None:
+        if self.server is not None:
+            return
+        self.server = await self.app.serve(self.host, 0, shutdown_timeout=1.0, head_timeout=self.head_timeout)
+        self.port, self.scheme = self.server.port, "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    async def _make_runner(self, **kw: Any) -> Any:
+        raise NotImplementedError("olla serves itself; there is no aiohttp runner")
+
+    @property
+    def started(self) -> bool:
+        return self.server is not None
+
+    async def close(self) -> None:
+        if self.server is not None and not self._closed:
+            self._closed = True
+            await self.app.stop(self.server)
 
 
 def router_config(endpoints: list[dict[str, Any]], env: dict[str, str] | None = None, **sections: Any) -> Config:

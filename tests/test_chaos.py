@@ -20,7 +20,6 @@ from bench.chaos.verdict import (
     UNEXPLAINED,
     classify,
 )  # fmt: skip
-from olla.app import REGISTRY
 from tests.routerkit import chat, ep, fast, post
 from tests.simkit import until
 
@@ -137,7 +136,7 @@ async def test_a_late_timeout_does_not_eject_an_endpoint_that_has_answered_since
     assert (await hung).status == 504
     late = await post(client, chat())
     assert late.status == 200  # not 503 no_healthy_endpoint: the old timeout did not eject it
-    assert client.app[REGISTRY].endpoints["only"].errors == 1  # but the breaker counted it
+    assert client.app.registry.endpoints["only"].errors == 1  # but the breaker counted it
 
 
 async def test_a_request_held_by_a_hang_then_dropped_by_a_kill_is_explained(start_sims, make_router) -> None:
@@ -178,7 +177,7 @@ async def test_an_attempt_left_the_end_of_the_deadline_does_not_eject_its_endpoi
     after = await post(client, chat(tokens=1))
     assert after.status == 200, await after.text()  # not 503 no_healthy_endpoint: a-2 is still in rotation
     assert after.headers["X-Olla-Endpoint"] == "a-2"
-    assert client.app[REGISTRY].endpoints["a-2"].errors == 1  # the breaker counted the timeout
+    assert client.app.registry.endpoints["a-2"].errors == 1  # the breaker counted the timeout
 
 
 async def test_a_timeout_at_the_deadline_ends_the_request_even_when_the_loop_clock_runs_ahead(
@@ -195,5 +194,5 @@ async def test_a_timeout_at_the_deadline_ends_the_request_even_when_the_loop_clo
     timed_out = await post(client, chat())
     body = await timed_out.json()
     assert timed_out.status == 504 and "endpoint a-2" not in body["error"]["message"], body
-    a_2 = client.app[REGISTRY].endpoints["a-2"]
+    a_2 = client.app.registry.endpoints["a-2"]
     assert a_2.routable and a_2.requests == 0

@@ -16,13 +16,12 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from aiohttp import web
 
 from olla import proxy
-from olla.app import REGISTRY
 from olla.logs import AccessLog, JsonFormatter, TextFormatter
-from olla.listener import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE, Listener
-from tests.rawhttp import Answer, read_answer, request, send, serving
+from olla.server import Request, Response, Server
+from olla.wire import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from tests.rawhttp import Answer, Served, read_answer, request, send, serving
 from tests.routerkit import CHAT, chat, ep, fast
 from tests.simkit import until
 
@@ -31,22 +30,22 @@ BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture
-async def router(start_sims) -> AsyncIterator[Listener]:  # type: ignore[no-untyped-def]
+async def router(start_sims) -> AsyncIterator[Served]:  # type: ignore[no-untyped-def]
     (sim,) = await start_sims(fast())
     async with serving([ep("a", sim)], server={"request_limits": {"max_body_size": BODY_LIMIT}}) as listener:
         yield listener
 
 
-def forwarded(listener: Listener) -> int:
+def forwarded(listener: Served) -> int:
     """Attempts the router has made against its endpoints."""
-    return sum(e.requests for e in listener.runner.app[REGISTRY])
+    return sum(e.requests for e in listener.app.registry)
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def refused(listener: Listener, data: bytes, status: int, code: str) -> dict[str, str]:
+async def refused(listener: Served, data: bytes, status: int, code: str) -> dict[str, str]:
     """Send `data`; the router itself answers `status` `code` without forwarding anything."""
     before = forwarded(listener)
     answer = await send(listener.port, data)
@@ -241,7 +240,7 @@ async def test_a_wrong_method_is_405(router, method, target) -> None:
     await refused(router, request(method, target, b"{}"), 405, "method_not_allowed")
 
 
-# --- what aiohttp refuses before the app: the listener answers --------------------------------
+# --- what the server refuses before the app --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -269,7 +268,7 @@ async def test_what_the_parser_refuses_gets_a_json_4xx_and_no_error_log(router, 
     caplog.set_level(logging.INFO)
     await refused(router, data, status, code)
     assert not errors_logged(caplog)
-    assert any(r.name == "olla.listener" and r.levelno == logging.INFO for r in caplog.records)
+    assert any(r.name == "olla.server" and r.levelno == logging.INFO for r in caplog.records)
     assert (await send(router.port, request("GET", "/internal/health"))).status == 200
 
 
@@ -311,16 +310,14 @@ async def test_a_client_sending_its_headers_slowly_is_cut_off(start_sims) -> Non
 
 
 async def test_a_crash_in_a_handler_is_a_json_500_with_its_traceback_logged(caplog) -> None:
-    async def crash(request: web.Request) -> web.Response:
+    async def crash(request: Request) -> Response:
         raise RuntimeError("a bug")
 
-    app = web.Application()
-    app.router.add_get("/crash", crash)
-    listener = await Listener.start(app, "127.0.0.1", 0)
+    server = await Server.start(crash, "127.0.0.1", 0)
     try:
-        answer = await send(listener.port, request("GET", "/crash"))
+        answer = await send(server.port, request("GET", "/crash"))
     finally:
-        await listener.stop()
+        await server.stop()
     assert answer.status == 500 and answer.error["code"] == "internal_error"
     assert "a bug" not in answer.error["message"]
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from olla.app import REGISTRY
 from tests.rawhttp import Answer, request, send, send_blocking, serving
 from tests.routerkit import CHAT, chat, ep, fast, wait_until
 
@@ -171,7 +170,7 @@ def raw_requests(draw: st.DrawFn) -> bytes:
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Every ERROR record: the router's (olla.listener) and the emulator's (aiohttp.server) alike."""
+    """Every ERROR record: the router's (olla.server) and the emulator's (aiohttp.server) alike."""
     return [f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else f"{r.name}: {r.getMessage()}"
             for r in caplog.records if r.levelno >= logging.ERROR]  # fmt: skip
 
@@ -204,7 +203,7 @@ async def test_generated_requests_never_make_the_router_fail(start_sims, caplog)
         assert {405, 413} <= statuses, seen
         assert not errors_logged(caplog)
 
-        registry = listener.runner.app[REGISTRY]
+        registry = listener.app.registry
         await wait_until(registry, lambda: all(e.routable for e in registry))
         answer: Answer = await send(port, request("POST", "/olla/llamacpp/v1/chat/completions", orjson.dumps(chat())))
         assert answer.status == 200 and answer.json()["choices"][0]["message"]["role"] == "assistant"

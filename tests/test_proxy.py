@@ -14,7 +14,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from olla.app import REGISTRY
 from olla.upstream import STALE
 from tests.routerkit import CHAT, chat, ep, fake_endpoint, fast, post, wait_until
 from tests.simkit import until
@@ -95,13 +94,13 @@ async def test_a_500_or_400_is_the_requests_own_error_and_passes_through(start_s
     too_long = {"model": CHAT, "prompt": "x" * 5000, "max_tokens": 1}
     r = await post(client, too_long, "/olla/llamacpp/v1/completions")
     assert r.status == 400 and (await r.json())["error"]["type"] == "exceed_context_size_error"
-    assert client.app[REGISTRY].endpoints["a"].routable
+    assert client.app.registry.endpoints["a"].routable
 
 
 async def test_breaker_ejection_ends_with_the_next_good_probe(start_sims, make_router) -> None:
     (a,) = await start_sims(fast())
     client = await make_router([ep("a", a)])
-    registry = client.app[REGISTRY]
+    registry = client.app.registry
     a.set_fault("status", status=503)
     r = await post(client, chat())
     error = (await r.json())["error"]
@@ -119,7 +118,7 @@ async def test_breaker_ejection_ends_with_the_next_good_probe(start_sims, make_r
 async def test_a_loading_endpoint_is_not_routed_until_it_has_loaded(start_sims, make_router) -> None:
     ready, loading = await start_sims(fast(), fast(load_seconds=1.0))
     client = await make_router([ep("ready", ready, 10), ep("loading", loading, 100)], ready=1)
-    registry = client.app[REGISTRY]
+    registry = client.app.registry
     assert registry.endpoints["loading"].health.value == "loading"
     assert (await post(client, chat())).headers["X-Olla-Endpoint"] == "ready"
     loaded = registry.endpoints["loading"]
@@ -150,7 +149,7 @@ async def test_every_endpoint_down_answers_503_at_once(start_sims, make_router, 
 async def test_a_request_that_finds_no_endpoint_ends_an_offline_endpoints_probe_backoff(start_sims, make_router) -> None:
     (a,) = await start_sims(fast())
     client = await make_router([ep("a", a, check_interval="200ms")])
-    endpoint = client.app[REGISTRY].endpoints["a"]
+    endpoint = client.app.registry.endpoints["a"]
     a.set_fault("refuse")
     await until(lambda: endpoint.next_probe_in() >= 3.2, 10.0)  # 0.2 s doubled after each failed probe
     a.clear_faults()
@@ -374,7 +373,7 @@ async def test_silence_before_headers_fails_over_only_where_no_generation_can_be
     assert r.status == 200 and r.headers["X-Olla-Endpoint"] == "good"
     assert r.headers["X-Olla-Routing-Decision"] == "fallback"
     assert 0.3 <= time.monotonic() - started < 2.0
-    assert client.app[REGISTRY].endpoints["stuck"].health.value == "offline"
+    assert client.app.registry.endpoints["stuck"].health.value == "offline"
 
 
 async def test_a_long_non_streaming_generation_is_not_cut_by_the_header_timeout(start_sims, make_router) -> None:

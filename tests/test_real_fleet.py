@@ -15,10 +15,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from olla.app import QUEUE, REGISTRY, create_app
+from olla.app import create_app
 from olla.config import parse_config
 from tests.llamacpp import LlamaServers, ServerSpec, tiny_model
-from tests.routerkit import wait_until
+from tests.routerkit import RouterServer, wait_until
 
 CHAT, CODE = "tiny-chat", "tiny-code"
 
@@ -45,8 +45,8 @@ async def fleet(start_llama_servers: Callable[..., LlamaServers], aiohttp_client
     config = parse_config({"discovery": {"static": {"endpoints": endpoints}},
                            "logging": {"level": "warning"}}, "<test>")  # fmt: skip
     app = create_app(config)
-    client = await aiohttp_client(app)
-    registry = app[REGISTRY]
+    client = await aiohttp_client(RouterServer(app))
+    registry = app.registry
     await wait_until(registry, lambda: all(e.routable and e.discovery for e in registry))
     yield Fleet(servers, client, str(client.make_url("/olla/llamacpp")))
 
@@ -191,7 +191,7 @@ async def test_connection_reuse_survives_llama_server_closing_after_streams(flee
         await r.read()
         assert r.status == 200
         decisions.append(r.headers["X-Olla-Routing-Decision"])
-    code = fleet.client.app[REGISTRY].endpoints["code-a"]
+    code = fleet.client.app.registry.endpoints["code-a"]
     assert decisions == ["routed"] * 30
     assert code.errors == 0 and code.routable
 
@@ -205,8 +205,8 @@ async def chat_fleet(start_llama_servers, aiohttp_client) -> AsyncIterator[tuple
                   "check_timeout": "250ms"} for i, s in enumerate(servers)]  # fmt: skip
     config = parse_config({"discovery": {"static": {"endpoints": endpoints}},
                            "proxy": {"load_balancer": "slot-aware"}, "logging": {"level": "warning"}}, "<test>")  # fmt: skip
-    client = await aiohttp_client(create_app(config))
-    registry = client.app[REGISTRY]
+    client = await aiohttp_client(RouterServer(create_app(config)))
+    registry = client.app.registry
     await wait_until(registry, lambda: all(e.routable and e.discovery for e in registry))
     assert {e.slots.total for e in registry} == {2}  # learned from /props
     yield servers, client
@@ -284,7 +284,7 @@ async def test_a_client_that_leaves_frees_real_slots(chat_fleet) -> None:
 
     # Fill all six slots, queue a seventh in the router, then everybody leaves.
     holders = [asyncio.create_task(client.post("/olla/llamacpp/v1/completions", json=long)) for _ in range(6)]
-    waitlists = client.app[QUEUE].waitlists
+    waitlists = client.app.queue.waitlists
     deadline = loop.time() + 5
     while await _processing(servers) < 6:
         assert loop.time() < deadline
@@ -298,4 +298,4 @@ async def test_a_client_that_leaves_frees_real_slots(chat_fleet) -> None:
         holder.cancel()
     assert await _until_idle(servers, 3.0) < 3.0
     assert sum(len(w.waiters) for w in waitlists.values()) == 0
-    assert all(e.slots.own == 0 for e in client.app[REGISTRY])
+    assert all(e.slots.own == 0 for e in client.app.registry)

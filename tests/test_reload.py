@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from olla.app import MONITORS, QUEUE, REGISTRY, create_app, reload
+from olla.app import create_app, reload
 from olla.config import load_config
-from tests.routerkit import CHAT, chat, ep, fast, post, wait_until
+from tests.routerkit import CHAT, RouterServer, chat, ep, fast, post, wait_until
 from tests.simkit import until
 from tests.test_cli import ROOT, _get
 
@@ -51,7 +51,7 @@ def file_router(aiohttp_client, config_file: Path) -> Reloadable:  # type: ignor
 
     async def make(endpoints: list[dict[str, Any]], **sections: Any) -> TestClient:
         write(config_file, endpoints, **sections)
-        client = await aiohttp_client(create_app(load_config(config_file)))
+        client = await aiohttp_client(RouterServer(create_app(load_config(config_file))))
         await ready(client, *(e["name"] for e in endpoints))
         return client
 
@@ -59,7 +59,7 @@ def file_router(aiohttp_client, config_file: Path) -> Reloadable:  # type: ignor
 
 
 async def ready(client: TestClient, *names: str) -> None:
-    registry = client.app[REGISTRY]
+    registry = client.app.registry
 
     def serving() -> bool:
         endpoints = registry.endpoints
@@ -96,9 +96,9 @@ async def test_an_added_endpoint_becomes_routable(start_sims, file_router, confi
 async def test_a_removed_endpoint_finishes_its_stream_and_stops_its_loops(start_sims, file_router, config_file) -> None:
     slow, spare = await start_sims(fast(decode_ms=20.0), fast())
     client = await file_router([ep("slow", slow, 100), ep("spare", spare, 50)])
-    registry = client.app[REGISTRY]
+    registry = client.app.registry
     removed = registry.endpoints["slow"]
-    loops = list(client.app[MONITORS].tasks[removed])
+    loops = list(client.app.monitors.tasks[removed])
 
     stream = await client.post("/olla/llamacpp/v1/chat/completions", json=chat(tokens=40, stream=True))
     assert stream.status == 200 and stream.headers["X-Olla-Endpoint"] == "slow"
@@ -106,7 +106,7 @@ async def test_a_removed_endpoint_finishes_its_stream_and_stops_its_loops(start_
     write(config_file, [ep("spare", spare, 50)])
     assert await reload(client.app, config_file)
 
-    assert all(task.done() for task in loops) and removed not in client.app[MONITORS].tasks
+    assert all(task.done() for task in loops) and removed not in client.app.monitors.tasks
     assert "slow" not in registry.endpoints and not removed.routable
     assert await served_by(client) == "spare"
     rest = await stream.content.read()
@@ -120,7 +120,7 @@ async def test_a_priority_change_moves_traffic_and_keeps_the_endpoints_state(
 ) -> None:
     a, b = await start_sims(fast(), fast())
     client = await file_router([ep("a", a, 100), ep("b", b, 50)])
-    registry, monitors = client.app[REGISTRY], client.app[MONITORS]
+    registry, monitors = client.app.registry, client.app.monitors
     before = registry.endpoints["a"]
     loops = list(monitors.tasks[before])
     assert {await served_by(client) for _ in range(3)} == {"a"}
@@ -135,7 +135,7 @@ async def test_a_priority_change_moves_traffic_and_keeps_the_endpoints_state(
 async def test_a_changed_url_is_a_new_endpoint(start_sims, file_router, config_file) -> None:
     old, new = await start_sims(fast(), fast("moved-model"))
     client = await file_router([ep("a", old)])
-    registry = client.app[REGISTRY]
+    registry = client.app.registry
     before = registry.endpoints["a"]
 
     write(config_file, [ep("a", new)])
@@ -154,7 +154,7 @@ async def test_a_queued_request_follows_its_endpoint_through_a_headers_change(
     busy = asyncio.create_task(post(client, chat(tokens=40)))  # holds the only slot for about 0.4 s
     await until(lambda: sim.busy_slots == 1, 1.0)
     queued = asyncio.create_task(post(client, chat()))
-    await until(lambda: sum(len(w.waiters) for w in client.app[QUEUE].waitlists.values()) == 1, 1.0)
+    await until(lambda: sum(len(w.waiters) for w in client.app.queue.waitlists.values()) == 1, 1.0)
 
     write(config_file, [ep("only", sim, headers={"X-Tenant": "blue"})])  # the same server, seen differently
     assert await reload(client.app, config_file)

@@ -11,7 +11,6 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from olla.app import PROXY, QUEUE, REGISTRY
 from olla.sim import SimServer
 from tests.routerkit import CHAT, chat, ep, fast, post
 from tests.simkit import until
@@ -43,7 +42,7 @@ async def test_a_full_tier_spills_to_the_next_and_the_rest_wait_in_the_router(st
     hi, lo = await start_sims(fast(decode_ms=10.0), fast(decode_ms=10.0))
     client = await make_router([ep("hi", hi, 100), ep("lo", lo, 50)])
     burst = asyncio.gather(*(post(client, chat(tokens=LONG)) for _ in range(6)))
-    queue = client.app[QUEUE]
+    queue = client.app.queue
     await until(lambda: hi.busy_slots == 2 and lo.busy_slots == 2, 2.0)
     waitlist = next(iter(queue.waitlists.values()))
     await until(lambda: len(waitlist.waiters) == 2, 1.0)
@@ -77,7 +76,7 @@ async def test_a_full_queue_and_a_long_wait_answer_503_slots_exhausted(start_sim
     busy = asyncio.create_task(post(client, chat(tokens=100)))  # holds the only slot for about 1 s
     await until(lambda: sim.busy_slots == 1, 1.0)
     queued = asyncio.create_task(post(client, chat()))
-    await until(lambda: sum(len(w.waiters) for w in client.app[QUEUE].waitlists.values()) == 1, 1.0)
+    await until(lambda: sum(len(w.waiters) for w in client.app.queue.waitlists.values()) == 1, 1.0)
     full = await post(client, chat())
     assert full.status == 503 and full.headers["Retry-After"]
     assert await full.json() == {"error": {"code": "slots_exhausted", "message": "All slots are busy. Please try again later.",
@@ -98,12 +97,12 @@ async def test_a_client_that_leaves_while_queued_is_dropped_from_the_queue(start
     busy = asyncio.create_task(post(client, chat(tokens=30)))
     await until(lambda: sim.busy_slots == 1, 1.0)
     leaver = asyncio.create_task(post(client, chat(tokens=30)))
-    waitlists = client.app[QUEUE].waitlists
+    waitlists = client.app.queue.waitlists
     await until(lambda: sum(len(w.waiters) for w in waitlists.values()) == 1, 1.0)
     leaver.cancel()
     await until(lambda: sum(len(w.waiters) for w in waitlists.values()) == 0, 1.0)
     assert (await busy).status == 200
-    await until(lambda: client.app[REGISTRY].endpoints["only"].slots.own == 0, 1.0)  # once its hold is over
+    await until(lambda: client.app.registry.endpoints["only"].slots.own == 0, 1.0)  # once its hold is over
     assert sim.busy_slots == 0
     models = await (await client.get("/internal/status/models")).json()
     assert models["models"][0]["queue"]["length"] == 0
@@ -159,11 +158,11 @@ async def test_the_next_turn_gets_its_conversations_slot_before_the_queue(start_
     client = await make_router([ep("only", sim)], proxy={"affinity": {"hold": hold}})
     mine: list[dict[str, str]] = []
     await converse(client, mine, "Hello.")
-    assert not client.app[QUEUE].holds  # a first turn looks like a one-shot prompt: nothing kept for it
+    assert not client.app.queue.holds  # a first turn looks like a one-shot prompt: nothing kept for it
     first = asyncio.create_task(converse(client, mine, "Tell me a story about slots. " * 10))
     await until(lambda: sim.busy_slots == 1, 1.0)
     other = asyncio.create_task(post(client, turn([], "Something else entirely, at length. " * 10)))
-    await until(lambda: sum(len(w.waiters) for w in client.app[QUEUE].waitlists.values()) == 1, 1.0)
+    await until(lambda: sum(len(w.waiters) for w in client.app.queue.waitlists.values()) == 1, 1.0)
     _, body = await first
     cached_before = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] - 1
     r, body = await converse(client, mine, "Go on.")  # sent as soon as the first turn ended
@@ -173,13 +172,13 @@ async def test_the_next_turn_gets_its_conversations_slot_before_the_queue(start_
         assert cached_before - cached > 200
     else:
         assert r.headers["X-Olla-Affinity"] == "hit" and cached >= cached_before
-        assert client.app[QUEUE].holds_taken == 1
+        assert client.app.queue.holds_taken == 1
 
 
 async def test_slots_busy_with_other_clients_are_seen_through_slots(start_sims, make_router, sim_session) -> None:
     sims = await start_sims(fast(slots=1, decode_ms=10.0), fast(slots=1, decode_ms=10.0))
     client = await make_router([ep("a", sims[0]), ep("b", sims[1])], discovery={"slots_interval": "1s"})
-    a = client.app[REGISTRY].endpoints["a"]
+    a = client.app.registry.endpoints["a"]
     outsider = asyncio.create_task(sim_session.post(sims[0].url + "/completion", json={"prompt": "x", "n_predict": 300}))
     await until(lambda: a.slots.busy == 1, 5.0)  # reconciled from two readings of a's /slots
     assert (a.slots.own, a.slots.external, a.slots.source) == (0, 1, "slots")
@@ -193,7 +192,7 @@ async def test_slots_busy_with_other_clients_are_seen_through_slots(start_sims, 
 async def test_a_wait_on_other_clients_load_reads_slots_again_soon(start_sims, make_router, sim_session) -> None:
     (sim,) = await start_sims(fast(slots=1, decode_ms=10.0))
     client = await make_router([ep("only", sim)], discovery={"slots_interval": "3s"})
-    only = client.app[REGISTRY].endpoints["only"]
+    only = client.app.registry.endpoints["only"]
     outsider = asyncio.create_task(sim_session.post(sim.url + "/completion", json={"prompt": "x", "n_predict": 2000}))
     await until(lambda: only.slots.external == 1, 10.0)  # two readings 3 s apart
     outsider.cancel()
@@ -223,7 +222,7 @@ async def test_the_affinity_map_stays_within_max_entries(start_sims, make_router
     histories: list[list[dict[str, str]]] = [[] for _ in range(3)]
     for i, history in enumerate(histories):
         await converse(client, history, f"conversation {i}")
-    remembered = client.app[PROXY].affinity
+    remembered = client.app.proxy.affinity
     assert remembered is not None and len(remembered) == 2
     newest, _ = await converse(client, histories[2], "next")
     oldest, _ = await converse(client, histories[0], "next")

@@ -16,8 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
-from olla.app import REGISTRY, create_app
-from tests.routerkit import router_config, wait_until
+from olla.app import create_app
+from tests.routerkit import RouterServer, router_config, wait_until
 
 MODELS = orjson.dumps({"object": "list", "data": [{"id": "m"}]})
 
@@ -103,8 +103,8 @@ async def stingy() -> AsyncIterator[StingyEndpoint]:
 
 
 async def _router(aiohttp_client, url: str, **sections):  # type: ignore[no-untyped-def]
-    client = await aiohttp_client(create_app(router_config([{"name": "e", "url": url}], **sections)))
-    registry = client.app[REGISTRY]
+    client = await aiohttp_client(RouterServer(create_app(router_config([{"name": "e", "url": url}], **sections))))
+    registry = client.app.registry
     await wait_until(registry, lambda: registry.endpoints["e"].routable and registry.endpoints["e"].discovery)
     return client, registry.endpoints["e"]
 

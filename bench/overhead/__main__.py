@@ -131,9 +131,10 @@ def main() -> None:
                 "The non-streaming chat through four reference proxies (bench/overhead/floors.py), interleaved with "
                 f"direct, the nginx proxy and olla ({args.rounds} rounds of {args.seconds:g} s, medians): *aiohttp* "
                 "is a bare `web.Application` with one handler and one `ClientSession` on uvloop; "
-                "*aiohttp+olla-client* is the same server forwarding with olla's own client (olla/http1.py), the "
-                "HTTP stack olla is built on; *aiohttp-server+olla-client* is aiohttp's low-level `web.Server` (no "
-                "application, router or middleware) with olla's client, the least any use of aiohttp's server costs; "
+                "*aiohttp-server+olla-client* is aiohttp's low-level `web.Server` (no application, router or "
+                "middleware) forwarding with olla's own client (olla/http1.py), the least any use of aiohttp's "
+                "server costs; *olla-server+olla-client* is olla's own server (olla/server.py) with one handler "
+                "forwarding with olla's client, the HTTP stack olla is built on; "
                 "*asyncio* is HTTP/1.1 keep-alive on asyncio protocols (uvloop), "
                 "Content-Length bodies only. None of them routes, adds headers, counts or logs.",
                 "",

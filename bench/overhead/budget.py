@@ -10,11 +10,11 @@ one core at 16 connections, so CPU per request is what sets its throughput.
 - `olla`: `olla serve`, default config (metrics on, JSON access log to a file);
 - `access log off`: `logging.level: warning`;
 - `priority balancer`: `proxy.load_balancer: priority` (no slot queue, no affinity);
-- `olla's app, minimal forward`: olla's listener, middlewares, exchange, access log and metrics, with the
-  proxy's handler replaced by a forward of the body to the endpoint (no routing, queue, affinity, header
-  rules or deadline). This module starts it (`python -m bench.overhead.budget shell CONFIG`): it replaces
-  `Proxy.handle` and runs `olla serve`. A measuring device, not a mode of olla;
-- `aiohttp+olla-client`, `aiohttp-server+olla-client`: two reference proxies of floors.py.
+- `olla's app, minimal forward`: olla's server, its front (exchange, admission, dispatch), access log and
+  metrics, with the proxy's handler replaced by a forward of the body to the endpoint (no routing, queue,
+  affinity, header rules or deadline). This module starts it (`python -m bench.overhead.budget shell
+  CONFIG`): it replaces `Proxy.handle` and runs `olla serve`. A measuring device, not a mode of olla;
+- `olla-server+olla-client`, `aiohttp-server+olla-client`: two reference proxies of floors.py.
 """
 
 from __future__ import annotations
@@ -52,22 +52,22 @@ OLLA_VARIANTS: dict[str, dict[str, Any]] = {
     "priority balancer": {"proxy": {"load_balancer": "priority"}},
     "olla's app, minimal forward": {},
 }
-FLOORS = ("aiohttp+olla-client", "aiohttp-server+olla-client")
+FLOORS = ("olla-server+olla-client", "aiohttp-server+olla-client")
 
 
 def shell(config: str) -> int:
     """`olla serve` with the proxy's handler replaced by a minimal forward to the first endpoint."""
-    from aiohttp import web
-
-    from bench.overhead.floors import relay
+    from bench.overhead.floors import forward
     from olla.cli import main
+    from olla.exchange import Exchange
     from olla.profiles import Profile
     from olla.proxy import Proxy
+    from olla.server import Request, Response
 
-    async def forward(self: Proxy, request: web.Request, profile: Profile) -> web.StreamResponse:
-        return await relay(self.upstream.client, next(iter(self.registry)).config.url.rstrip("/"), request)
+    async def minimal(self: Proxy, request: Request, exchange: Exchange, profile: Profile, path: str) -> Response:
+        return await forward(self.upstream.client, next(iter(self.registry)).config.url.rstrip("/"), request)
 
-    Proxy.handle = forward  # type: ignore[method-assign]
+    Proxy.handle = minimal  # type: ignore[method-assign]
     return main(["serve", "-c", config])
 
 

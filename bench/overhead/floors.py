@@ -4,10 +4,11 @@ Four reference proxies forward the non-streaming chat to the same nginx upstream
 
 - `aiohttp`: a `web.Application` with one handler and one `ClientSession` on uvloop: aiohttp's server
   and client, with nothing of olla's (no routing, headers, metrics or log);
-- `aiohttp+olla-client`: the same server, forwarding with olla's own client (olla/http1.py): the HTTP
-  stack olla is built on now;
 - `aiohttp-server+olla-client`: aiohttp's low-level `web.Server` (no application, router or
-  middleware) forwarding with olla's client: the least any use of aiohttp's server costs;
+  middleware) forwarding with olla's own client (olla/http1.py): the least any use of aiohttp's
+  server costs (olla was built on aiohttp's application server until it got its own);
+- `olla-server+olla-client`: olla's own server (olla/server.py) with one handler forwarding with
+  olla's client: the HTTP stack olla is built on, with nothing of olla's routing;
 - `asyncio`: HTTP/1.1 with keep-alive on both sides, written on asyncio protocols (uvloop), for
   Content-Length bodies only: what Python itself costs per proxied request.
 
@@ -34,10 +35,11 @@ from aiohttp.typedefs import Handler
 
 from bench.common import process, usage, wait_http
 from bench.overhead.wrk import Run, wrk
+from olla import server
 from olla.http1 import Client
 from tests.llamacpp import free_port
 
-PROXIES = ("aiohttp", "aiohttp+olla-client", "aiohttp-server+olla-client", "asyncio")
+PROXIES = ("aiohttp", "aiohttp-server+olla-client", "olla-server+olla-client", "asyncio")
 TARGETS = ("direct", "nginx", "olla", *PROXIES)
 PREFIX = b"/olla/llamacpp"  # the proxies take olla's path, so wrk posts the same URL path to all
 
@@ -56,21 +58,6 @@ def serve_aiohttp(upstream: int, port: int) -> None:
         await app[SESSION].close()
 
     _run(forward, session, port)
-
-
-def serve_aiohttp_olla_client(upstream: int, port: int) -> None:
-    """The bare aiohttp server, forwarding with olla's own client (olla/http1.py) instead of aiohttp's."""
-    base = f"http://127.0.0.1:{upstream}"
-
-    async def forward(request: web.Request) -> web.Response:
-        return await relay(request.app[CLIENT], base, request)
-
-    async def client(app: web.Application) -> AsyncIterator[None]:
-        app[CLIENT] = Client(4.0)
-        yield
-        app[CLIENT].close()
-
-    _run(forward, client, port)
 
 
 def serve_aiohttp_server_olla_client(upstream: int, port: int) -> None:
@@ -97,6 +84,16 @@ async def relay(client: Client, base: str, request: web.BaseRequest) -> web.Resp
     return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
 
 
+async def forward(client: Client, base: str, request: server.Request) -> server.Response:
+    """`relay` on olla's own server."""
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+    body = await request.read(1 << 20, 30.0)
+    answer = await client.request(request.method, base + request.path.removeprefix(PREFIX.decode()), headers, body,
+                                  5.0)  # fmt: skip
+    content = await answer.read()
+    return server.Response(answer.status, content, [("Content-Type", answer.headers["Content-Type"])])
+
+
 async def _incoming(request: web.BaseRequest) -> tuple[str, dict[str, str], bytes]:
     """What the aiohttp proxies forward: the path without olla's prefix, the content type, the body."""
     headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
@@ -112,7 +109,6 @@ def _run(forward: Handler, context: Callable[[web.Application], AsyncIterator[No
 
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
-CLIENT = web.AppKey("client", Client)
 
 
 def _message(buffer: bytearray) -> tuple[bytes, bytes, bool] | None:
@@ -208,6 +204,22 @@ class _Client(asyncio.Protocol):
         return answer
 
 
+def serve_olla_server_olla_client(upstream: int, port: int) -> None:
+    """olla's own server with one handler forwarding with olla's client."""
+    base = f"http://127.0.0.1:{upstream}"
+
+    async def main() -> None:
+        client = Client(4.0)
+
+        async def handle(request: server.Request) -> server.Response:
+            return await forward(client, base, request)
+
+        await server.Server.start(handle, "127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 def serve_asyncio(upstream: int, port: int) -> None:
     async def main() -> None:
         pool: list[_Upstream] = []
@@ -275,8 +287,8 @@ def table(result: Floors, connections: list[int]) -> list[str]:
 
 if __name__ == "__main__":
     kind, upstream_port, own_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    serve = {"aiohttp": serve_aiohttp, "aiohttp+olla-client": serve_aiohttp_olla_client,
-             "aiohttp-server+olla-client": serve_aiohttp_server_olla_client, "asyncio": serve_asyncio}  # fmt: skip
+    serve = {"aiohttp": serve_aiohttp, "aiohttp-server+olla-client": serve_aiohttp_server_olla_client,
+             "olla-server+olla-client": serve_olla_server_olla_client, "asyncio": serve_asyncio}  # fmt: skip
     serve[kind](upstream_port, own_port)
 
 
