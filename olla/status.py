@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+
 from olla import __version__
 from olla.config import Config
 from olla.endpoint import Endpoint
