@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from olla.alarms import Alarms
+
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 HIGH_WATER, LOW_WATER = 256 * 1024, 64 * 1024  # read no more while this much is unread, resume below the low mark
 NO_BODY = frozenset((204, 304))
@@ -109,13 +111,13 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def more(self) -> None:
-        """Wait until more bytes arrive or the connection closes."""
+    async def more(self, alarms: Alarms | None = None, deadline: float | None = None) -> None:
+        """Wait until more bytes arrive or the connection closes; TimeoutError at `deadline` (with `alarms`)."""
         if self.closed:
             return
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
         try:
-            await self._waiter
+            await (waiter if alarms is None or deadline is None else alarms.wait(waiter, deadline))
         finally:
             self._waiter = None
 
@@ -276,10 +278,10 @@ class Response:
             return None
         return self.take()
 
-    async def more(self) -> None:
-        """Wait for more of the body to arrive (or the connection to close)."""
+    async def more(self, deadline: float | None = None) -> None:
+        """Wait for more of the body to arrive (or the connection to close); TimeoutError at `deadline`."""
         if self._connection is not None:
-            await self._connection.more()
+            await self._connection.more(self._client.alarms, deadline)
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body, or its first `limit` bytes (the connection is then closed)."""
@@ -318,17 +320,24 @@ class Client:
 
     def __init__(self, keepalive: float, tls: ssl.SSLContext | None = None) -> None:
         self.keepalive = keepalive
+        self.alarms = Alarms()  # the deadlines of waits for answers
         self._tls = tls
         self._idle: dict[Origin, list[Connection]] = {}
 
-    async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                      connect_timeout: float, fresh: bool = False) -> Response:  # fmt: skip
-        """Send a request and wait for the response's head (`fresh`: never on a kept-alive connection)."""
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes, connect_timeout: float,
+        fresh: bool = False, deadline: float | None = None,
+    ) -> Response:  # fmt: skip
+        """Send a request and wait for the response's head (`fresh`: never on a kept-alive connection).
+
+        TimeoutError when the head has not arrived by `deadline` (`time.monotonic()`); ConnectTimeout when a
+        new connection takes longer than `connect_timeout`, unless the deadline comes first.
+        """
         origin, target = split(url)
         connection = None if fresh else self._reuse(origin)
         reused = connection is not None
         if connection is None:
-            connection = await self._connect(origin, connect_timeout)
+            connection = await self._connect(origin, connect_timeout, deadline)
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
         lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())  # both sources allow no CR or LF
         if body or method not in ("GET", "HEAD"):
@@ -342,7 +351,7 @@ class Client:
                 if head is None:
                     if connection.closed:
                         raise Closed(str(connection.error or ""), reused)
-                    await connection.more()
+                    await connection.more(self.alarms, deadline)
                     continue
                 status, reason, response_headers, keep_alive, length = head
                 del connection.buffer[:length]
@@ -365,18 +374,21 @@ class Client:
             connection.close()
         return None
 
-    async def _connect(self, origin: Origin, timeout: float) -> Connection:
+    async def _connect(self, origin: Origin, timeout: float, deadline: float | None) -> Connection:
         loop = asyncio.get_running_loop()
         if origin.scheme == "https" and self._tls is None:
             self._tls = ssl.create_default_context()
         tls = self._tls if origin.scheme == "https" else None
+        remaining = deadline - time.monotonic() if deadline is not None else timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(min(timeout, remaining)):
                 _, connection = await loop.create_connection(
                     lambda: Connection(origin), origin.host, origin.port, ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )  # fmt: skip
         except TimeoutError as exc:
+            if remaining < timeout:
+                raise  # the deadline, not the connect timeout
             raise ConnectTimeout(f"no connection within {timeout:g}s") from exc
         return connection
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from olla.affinity import Keys
+from olla.alarms import Alarm, Alarms
 from olla.balancer import Balancer, Tiers
 from olla.endpoint import Endpoint
 from olla.errors import NoHealthyEndpoint, SlotsExhausted
@@ -65,7 +66,8 @@ class SlotQueue:
         self.metrics = metrics
         self.hold = hold
         self.waitlists: dict[frozenset[str], Waitlist] = {}
-        self.holds: dict[bytes, tuple[Endpoint, asyncio.TimerHandle]] = {}  # conversation key: its held slot
+        self.holds: dict[bytes, tuple[Endpoint, Alarm]] = {}  # conversation key: its held slot
+        self.alarms = Alarms()  # a hold's end: one per request that continues a conversation
         self.holds_taken = self.holds_expired = 0
         self.recount: Callable[[Endpoint], None] = lambda endpoint: None  # asks for a fresh /slots reading
 
@@ -121,7 +123,7 @@ class SlotQueue:
             self.wake(endpoint)
             return
         self._end_hold(hold_for)  # the same conversation twice at once: the older slot goes back
-        handle = asyncio.get_running_loop().call_later(self.hold, self._end_hold, hold_for, True)
+        handle = self.alarms.call_at(time.monotonic() + self.hold, self._end_hold, hold_for, True)
         self.holds[hold_for] = (endpoint, handle)
 
     def _take_hold(self, keys: Keys, pool: Pool, exclude: Sequence[Endpoint]) -> Endpoint | None:

@@ -84,16 +84,20 @@ class Upstream:
         self.config = config
 
     async def _request(self, endpoint: Endpoint, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                       connect_timeout: float) -> Response:  # fmt: skip
-        """Send and wait for the response's head; a kept-alive connection the endpoint had closed: once more, fresh."""
+                       connect_timeout: float, deadline: float | None = None) -> Response:  # fmt: skip
+        """Send and wait for the response's head; a kept-alive connection the endpoint had closed: once more, fresh.
+
+        TimeoutError when the head has not come by `deadline`.
+        """
         try:
             sent = time.monotonic()
             try:
-                response = await self.client.request(method, url, headers, body, connect_timeout)
+                response = await self.client.request(method, url, headers, body, connect_timeout, deadline=deadline)
             except Closed as exc:
                 if not exc.reused or time.monotonic() - sent >= STALE:
                     raise
-                response = await self.client.request(method, url, headers, body, connect_timeout, fresh=True)
+                response = await self.client.request(method, url, headers, body, connect_timeout, fresh=True,
+                                                     deadline=deadline)  # fmt: skip
             return response
         except ConnectTimeout as exc:
             raise UpstreamUnreachable(f"endpoint {endpoint.name} accepted no connection within "
@@ -119,9 +123,9 @@ class Upstream:
         url = endpoint.config.url.rstrip("/") + path_qs
         if streaming:
             headers["Connection"] = "close"
-        try:
-            async with asyncio.timeout_at(deadline):
-                response = await self._request(endpoint, method, url, headers, body, self.config.connection_timeout)
+        try:  # the deadline is an alarm of the client's (olla.alarms), not a loop timer: ~30 µs less per request
+            response = await self._request(endpoint, method, url, headers, body, self.config.connection_timeout,
+                                           deadline)  # fmt: skip
         except TimeoutError as exc:
             raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
         if response.status in REJECTED:
@@ -148,8 +152,7 @@ class Upstream:
                     remaining = deadline - time.monotonic()
                     silence = min(read_timeout, remaining)
                     try:
-                        async with asyncio.timeout(silence):
-                            await response.more()
+                        await response.more(time.monotonic() + silence)
                     except TimeoutError as exc:
                         which = "response_timeout" if remaining <= read_timeout else "read_timeout"
                         raise UpstreamBroken(f"endpoint {endpoint.name} went silent ({which} {silence:g}s)") from exc
