@@ -26,8 +26,8 @@ from olla.cors import PREFLIGHT_STATUS, CorsPolicy, is_preflight
 from olla.errors import AuthenticationFailed, RateLimited
 from olla.exchange import Exchange
 from olla.limits import CALLER, GLOBAL, RateLimiter, Verdict
+from olla.messages import Request, Response
 from olla.metrics import Metrics
-from olla.server import Request, Response
 
 MISSING_KEY = "Missing API key: send it as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'."
 WRONG_KEY = "Incorrect API key provided."

@@ -31,11 +31,12 @@ from olla.endpoint import Endpoint
 from olla.errors import ConfigError, MethodNotAllowed, RouteNotFound
 from olla.exchange import Answer, Exchange, Front, Traffic
 from olla.http1 import Client
+from olla.messages import Request, Response
 from olla.metrics import Metrics
 from olla.profiles import Profile
 from olla.proxy import Proxy
 from olla.registry import Registry
-from olla.server import HEAD_TIMEOUT, Request, Response, Server
+from olla.server import HEAD_TIMEOUT, Server
 from olla.slotqueue import SlotQueue
 from olla.status import LoadedConfig, Status
 from olla.upstream import KEEPALIVE, Upstream

@@ -21,8 +21,8 @@ import orjson
 from olla import logs
 from olla.clients import ANONYMOUS
 from olla.errors import RequestFailed, ShuttingDown
+from olla.messages import Request, Response, Stream
 from olla.metrics import Metrics
-from olla.server import Request, Response, Stream
 from olla.wire import VIA
 
 log = logging.getLogger("olla.exchange")

@@ -32,7 +32,7 @@ from olla.exchange import Answer, Exchange
 from olla.metrics import Metrics
 from olla.profiles import Profile, Route
 from olla.registry import Pool, Registry
-from olla.server import Request, Response
+from olla.messages import Request, Response
 from olla.slotqueue import SlotQueue
 from olla.upstream import Upstream, request_headers, response_headers
 from olla.wire import VIA

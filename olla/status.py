@@ -13,9 +13,9 @@ import orjson
 from olla import __version__
 from olla.config import Config
 from olla.endpoint import Endpoint
+from olla.messages import Request, Response
 from olla.metrics import CONTENT_TYPE, Metrics
 from olla.registry import Registry
-from olla.server import Request, Response
 from olla.slotqueue import SlotQueue
 
 

@@ -1,4 +1,4 @@
-"""HTTP/1.1 as bytes, under olla.server: a request's head and body framing, Content-Encoding, response heads.
+"""HTTP/1.1 as bytes, under olla.server: a request's head, and response heads (a body's framing: olla.body).
 
 Pure: no I/O, no asyncio. What a client sends that breaks HTTP/1.1 raises an
 olla.errors exception whose message never repeats the client's bytes (a header
@@ -16,7 +16,6 @@ refused before its end; `parse_head` checks the rest once it is whole.
 from __future__ import annotations
 
 import time
-import zlib
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import NamedTuple
@@ -27,10 +26,8 @@ from multidict import CIMultiDict
 
 from olla import __version__
 from olla.errors import (
-    BodyTooLarge,
     ExpectationFailed,
     HeadTooLarge,
-    InvalidRequest,
     MalformedRequest,
     RequestFailed,
 )
@@ -43,7 +40,6 @@ VIA = f"1.1 olla/{__version__}"  # on every answer olla makes itself
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"))
 VERSIONS = frozenset(("HTTP/1.1", "HTTP/1.0"))
 TOKEN = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110 tchar
-HEX_DIGITS = b"0123456789abcdefABCDEF"
 TLS = b"\x16\x03"  # a TLS handshake record
 _CONTROLS = bytes(range(0x20)) + b"\x7f"
 _NOT_CONTROLS = bytes(sorted(set(range(256)) - set(_CONTROLS)))  # translate(None, this) leaves the controls only
@@ -51,7 +47,7 @@ _CRLFS = b"\r\n" * MAX_HEADERS
 _NAMES: set[str] = set()  # header names found to be tokens (the first thousand): most requests repeat a few
 
 
-def _malformed(reason: str) -> MalformedRequest:
+def malformed(reason: str) -> MalformedRequest:
     return MalformedRequest(f"malformed HTTP request: {reason}")
 
 
@@ -78,16 +74,16 @@ class HeadScan:
             self._checked = self._lines = 0
             return end
         if buffer.startswith(TLS):
-            raise _malformed("TLS sent to a plain HTTP port")
+            raise malformed("TLS sent to a plain HTTP port")
         checked, lines = self._checked, self._lines
         while (newline := buffer.find(b"\n", checked)) >= 0:
             if newline == checked or buffer[newline - 1] != 13:
-                raise _malformed("a line of the head does not end in CRLF")
+                raise malformed("a line of the head does not end in CRLF")
             if newline - 1 - checked > (MAX_LINE_SIZE if lines == 0 else MAX_FIELD_SIZE):
                 raise _too_large()
             lines += 1
             if lines > MAX_HEADERS + 1:
-                raise _malformed("too many headers")
+                raise malformed("too many headers")
             checked = newline + 1
         if len(buffer) - checked > MAX_FIELD_SIZE + 1:  # + 1: a line's CR may have come without its LF
             raise _too_large()
@@ -121,14 +117,14 @@ def parse_head(data: bytes | bytearray) -> Head:
     text = data.decode("utf-8", "surrogateescape")  # as olla's client decodes an endpoint's: bytes pass through
     lines = text.split("\r\n")
     if len(lines) > MAX_HEADERS + 1:
-        raise _malformed("too many headers")
+        raise malformed("too many headers")
     method, target, version = _request_line(lines[0], data)
     raw_path, query = _target(method, target)
     controls = data.translate(None, _NOT_CONTROLS)
     crlfs = _CRLFS[: 2 * (len(lines) - 1)]
     if controls != crlfs and controls.replace(b"\t", b"") != crlfs:
         bare = any("\n" in line or "\r" in line for line in lines)
-        raise _malformed("a line of the head does not end in CRLF" if bare else "invalid header")
+        raise malformed("a line of the head does not end in CRLF" if bare else "invalid header")
     if len(data) > MAX_FIELD_SIZE and any(len(line) > MAX_FIELD_SIZE for line in lines):
         raise _too_large()
     pairs = []
@@ -136,19 +132,19 @@ def parse_head(data: bytes | bytearray) -> Head:
         name, colon, value = line.partition(":")
         if not colon or name not in _NAMES:
             if not colon or not name or name.strip(TOKEN):
-                raise _malformed("obsolete line folding" if line[:1] in (" ", "\t") else "invalid header")
+                raise malformed("obsolete line folding" if line[:1] in (" ", "\t") else "invalid header")
             if len(_NAMES) < 1000:
                 _NAMES.add(name)
         pairs.append((name, value.strip(" \t")))
     headers: CIMultiDict[str] = CIMultiDict(pairs)
     eleven = version == "HTTP/1.1"
     if eleven and len(headers.getall("Host", ())) != 1:
-        raise _malformed("an HTTP/1.1 request needs exactly one Host header")
+        raise malformed("an HTTP/1.1 request needs exactly one Host header")
     names = {name.lower() for name, _ in pairs}
     if len(names) < len(pairs):
         for name in sorted(names & SINGLETONS):
             if len(headers.getall(name)) > 1:
-                raise _malformed(f"the {name} header appears more than once")
+                raise malformed(f"the {name} header appears more than once")
     length, chunked = _framing(headers, eleven)
     connection = headers.getall("Connection", None)
     if connection is None:
@@ -167,17 +163,17 @@ def parse_head(data: bytes | bytearray) -> Head:
 
 def _request_line(line: str, data: bytes | bytearray) -> tuple[str, str, str]:
     if data.startswith(TLS):
-        raise _malformed("TLS sent to a plain HTTP port")
+        raise malformed("TLS sent to a plain HTTP port")
     if len(line) > MAX_LINE_SIZE:
         raise _too_large()
     method, _, rest = line.partition(" ")
     target, _, version = rest.partition(" ")
     if method not in METHODS:
-        raise _malformed("HTTP/2 is not served here, only HTTP/1.1" if line == "PRI * HTTP/2.0" else "unknown method")
+        raise malformed("HTTP/2 is not served here, only HTTP/1.1" if line == "PRI * HTTP/2.0" else "unknown method")
     if version not in VERSIONS:
-        raise _malformed("invalid request line or HTTP version")
+        raise malformed("invalid request line or HTTP version")
     if not target or not target.isascii() or not target.isprintable():  # printable ASCII without space: 0x21-0x7E
-        raise _malformed("invalid request target")
+        raise malformed("invalid request target")
     return method, target, version
 
 
@@ -191,7 +187,7 @@ def _target(method: str, target: str) -> tuple[str, str]:
         ends = [i for i in (target.find("/", start), target.find("?", start)) if i >= 0]
         authority_end = min(ends) if ends else len(target)
         if not start or authority_end == start:
-            raise _malformed("invalid request target")
+            raise malformed("invalid request target")
         target = target[authority_end:]
         if not target.startswith("/"):
             target = "/" + target
@@ -205,174 +201,18 @@ def _framing(headers: CIMultiDict[str], eleven: bool) -> tuple[int, bool]:
     coding = headers.getall("Transfer-Encoding", None)
     if coding is not None:
         if lengths is not None:
-            raise _malformed("both Content-Length and Transfer-Encoding")
+            raise malformed("both Content-Length and Transfer-Encoding")
         if not eleven:
-            raise _malformed("Transfer-Encoding in an HTTP/1.0 request")
+            raise malformed("Transfer-Encoding in an HTTP/1.0 request")
         if ",".join(coding).strip().lower() != "chunked":
-            raise _malformed("the only Transfer-Encoding olla reads is chunked")
+            raise malformed("the only Transfer-Encoding olla reads is chunked")
         return 0, True
     if lengths is None:
         return 0, False
     length = lengths[0]
     if not length.isascii() or not length.isdigit() or len(length) > 18 or lengths.count(length) != len(lengths):
-        raise _malformed("invalid Content-Length")
+        raise malformed("invalid Content-Length")
     return int(length), False
-
-
-# Where a body is.
-DATA, DATA_END, SIZE, TRAILER, DONE = range(5)
-
-
-class Body:
-    """A request body's framing, taken from the front of a buffer as it arrives; what follows it stays there.
-
-    Content-Length, or chunked coding (its extensions ignored, its trailers dropped).
-    """
-
-    __slots__ = ("_chunked", "_left", "_state", "_trailers", "length")
-
-    def __init__(self, length: int, chunked: bool) -> None:
-        self.length = length  # the Content-Length (0 when chunked)
-        self._chunked = chunked
-        self._left = length  # bytes of the body, or of the current chunk, not taken yet
-        self._state = SIZE if chunked else DATA if length else DONE
-        self._trailers = 0
-
-    @property
-    def done(self) -> bool:
-        return self._state == DONE
-
-    def take(self, buffer: bytearray) -> bytes:
-        """The body's bytes `buffer` holds now (b"" for none), taken out of it with their framing."""
-        if not self._chunked:
-            n = min(self._left, len(buffer))
-            if not n:
-                return b""
-            data = bytes(buffer[:n])
-            del buffer[:n]
-            self._left -= n
-            if not self._left:
-                self._state = DONE
-            return data
-        pieces = []
-        while self._state != DONE:
-            if self._state == DATA:
-                n = min(self._left, len(buffer))
-                if not n:
-                    break
-                pieces.append(bytes(buffer[:n]))
-                del buffer[:n]
-                self._left -= n
-                if not self._left:
-                    self._state = DATA_END
-                continue
-            if self._state == DATA_END:
-                if len(buffer) < 2:
-                    break
-                if buffer[:2] != b"\r\n":
-                    raise _malformed("invalid chunk: its data is not followed by CRLF")
-                del buffer[:2]
-                self._state = SIZE
-                continue
-            newline = buffer.find(b"\r\n")
-            if newline < 0:
-                if len(buffer) > MAX_FIELD_SIZE:
-                    raise _malformed("invalid chunk: a size or trailer line is too long")
-                break
-            line = bytes(buffer[:newline])
-            del buffer[: newline + 2]
-            if self._state == TRAILER:
-                self._trailers += 1
-                if self._trailers > MAX_HEADERS:
-                    raise _malformed("invalid chunk: too many trailers")
-                self._state = TRAILER if line else DONE
-                continue
-            size = line.partition(b";")[0].rstrip(b" \t")
-            if not size or size.strip(HEX_DIGITS) or len(size) > 16:
-                raise _malformed("invalid chunk size line")
-            self._left = int(size, 16)
-            self._state = DATA if self._left else TRAILER
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def discard(self, buffer: bytearray) -> bool:
-        """Drop the rest of the body if all of it has arrived; False if it has not, or breaks its framing."""
-        try:
-            while not self.done and self.take(buffer):
-                pass
-        except MalformedRequest:
-            return False
-        return self.done
-
-
-def decoder(encoding: str | None, limit: int) -> Decoder | None:
-    """The decoder for a Content-Encoding value (None: the body is used as sent).
-
-    Raises InvalidRequest for an encoding olla does not decode.
-    """
-    if encoding is None:
-        return None
-    name = encoding.strip().lower()
-    if name in ("", "identity"):
-        return None
-    if name in ("gzip", "x-gzip", "deflate"):
-        return Decoder(name, limit)
-    shown = name if len(name) <= 20 and not name.strip(TOKEN) else "of that kind"  # a long value may be a secret
-    raise InvalidRequest(f"request body could not be read: olla does not decode Content-Encoding {shown}")
-
-
-class Decoder:
-    """A gzip or deflate body, decoded as it arrives; never more than `limit` decoded bytes are made.
-
-    Deflate is zlib-wrapped by the standard, raw by some clients: its first two bytes tell which.
-    """
-
-    __slots__ = ("_limit", "_name", "_room", "_seen", "_start", "_zlib")
-
-    def __init__(self, name: str, limit: int) -> None:
-        self._name = "deflate" if name == "deflate" else "gzip"
-        self._limit = limit
-        self._room = limit  # decoded bytes still allowed
-        self._zlib = zlib.decompressobj(31) if self._name == "gzip" else None
-        self._start = b""  # deflate's first byte, held until the second tells the wrapping
-        self._seen = False  # a byte has arrived (an empty body decodes to nothing)
-
-    def feed(self, data: bytes) -> bytes:
-        """The bytes `data` decodes to; raises BodyTooLarge past the limit, InvalidRequest if it does not decode."""
-        if not data:
-            return b""
-        self._seen = True
-        if self._zlib is None:
-            data = self._start + data
-            if len(data) < 2:
-                self._start = data
-                return b""
-            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            self._zlib = zlib.decompressobj(15 if wrapped else -15)
-        pieces = []
-        while data:
-            try:
-                piece = self._zlib.decompress(data, self._room + 1)
-            except zlib.error:
-                raise self._undecodable() from None
-            if len(piece) > self._room:
-                raise BodyTooLarge(f"request body exceeds the limit of {self._limit} bytes")
-            self._room -= len(piece)
-            pieces.append(piece)
-            data = self._zlib.unused_data if self._zlib.eof else b""
-            if data:
-                if self._name != "gzip":
-                    raise self._undecodable()
-                self._zlib = zlib.decompressobj(31)  # the next gzip member
-        return b"".join(pieces)
-
-    def end(self) -> bytes:
-        """b"" once the body has ended whole; raises InvalidRequest for one cut short."""
-        if self._seen and (self._zlib is None or not self._zlib.eof):
-            raise self._undecodable()
-        return b""
-
-    def _undecodable(self) -> InvalidRequest:
-        return InvalidRequest(f"request body could not be read: the {self._name} body does not decode")
 
 
 _STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}

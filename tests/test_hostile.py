@@ -19,7 +19,8 @@ import pytest
 
 from olla import proxy
 from olla.logs import AccessLog, JsonFormatter, TextFormatter
-from olla.server import Request, Response, Server
+from olla.messages import Request, Response
+from olla.server import Server
 from olla.wire import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 from tests.rawhttp import Answer, Served, read_answer, request, send, serving
 from tests.routerkit import CHAT, chat, ep, fast

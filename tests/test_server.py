@@ -30,8 +30,10 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from olla import wire
+from olla.body import Body, Decoder
 from olla.errors import MalformedRequest, RequestFailed
-from olla.server import HIGH_WATER, Connection, Request, Response, Server, Stream
+from olla.messages import Request, Response, Stream
+from olla.server import HIGH_WATER, Connection, Server
 
 LIMIT = 1 << 20
 JSON = [("Content-Type", "application/json")]
@@ -982,7 +984,7 @@ def test_parse_head_reads_framing_and_keep_alive() -> None:
 
 def test_chunked_decoding_keeps_what_follows() -> None:
     buffer = bytearray(b"5;name=value\r\nhello\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1")
-    chunks = wire.Body(0, True)
+    chunks = Body(0, True)
     assert chunks.take(buffer) == b"hello" and chunks.done and buffer == b"GET / HTTP/1.1"
 
 
@@ -991,7 +993,7 @@ def test_a_decoder_makes_no_more_than_its_limit() -> None:
     tracemalloc.start()
     try:
         with pytest.raises(RequestFailed) as caught:
-            wire.Decoder("gzip", LIMIT).feed(bomb)
+            Decoder("gzip", LIMIT).feed(bomb)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

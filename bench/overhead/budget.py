@@ -60,9 +60,9 @@ def shell(config: str) -> int:
     from bench.overhead.floors import forward
     from olla.cli import main
     from olla.exchange import Exchange
+    from olla.messages import Request, Response
     from olla.profiles import Profile
     from olla.proxy import Proxy
-    from olla.server import Request, Response
 
     async def minimal(self: Proxy, request: Request, exchange: Exchange, profile: Profile, path: str) -> Response:
         return await forward(self.upstream.client, next(iter(self.registry)).config.url.rstrip("/"), request)

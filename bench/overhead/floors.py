@@ -35,7 +35,7 @@ from aiohttp.typedefs import Handler
 
 from bench.common import process, usage, wait_http
 from bench.overhead.wrk import Run, wrk
-from olla import server
+from olla import messages, server
 from olla.http1 import Client
 from tests.llamacpp import free_port
 
@@ -84,14 +84,14 @@ async def relay(client: Client, base: str, request: web.BaseRequest) -> web.Resp
     return web.Response(body=content, status=answer.status, headers={"Content-Type": answer.headers["Content-Type"]})
 
 
-async def forward(client: Client, base: str, request: server.Request) -> server.Response:
+async def forward(client: Client, base: str, request: messages.Request) -> messages.Response:
     """`relay` on olla's own server."""
     headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
     body = await request.read(1 << 20, 30.0)
     answer = await client.request(request.method, base + request.path.removeprefix(PREFIX.decode()), headers, body,
                                   5.0)  # fmt: skip
     content = await answer.read()
-    return server.Response(answer.status, content, [("Content-Type", answer.headers["Content-Type"])])
+    return messages.Response(answer.status, content, [("Content-Type", answer.headers["Content-Type"])])
 
 
 async def _incoming(request: web.BaseRequest) -> tuple[str, dict[str, str], bytes]:
@@ -211,7 +211,7 @@ def serve_olla_server_olla_client(upstream: int, port: int) -> None:
     async def main() -> None:
         client = Client(4.0)
 
-        async def handle(request: server.Request) -> server.Response:
+        async def handle(request: messages.Request) -> messages.Response:
             return await forward(client, base, request)
 
         await server.Server.start(handle, "127.0.0.1", port)
