@@ -18,7 +18,6 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -34,6 +33,7 @@ from olla.body import Body, Decoder
 from olla.errors import MalformedRequest, RequestFailed
 from olla.messages import Request, Response, Stream
 from olla.server import HIGH_WATER, Connection, Server
+from tests.rawhttp import Answer
 
 LIMIT = 1 << 20
 JSON = [("Content-Type", "application/json")]
@@ -57,23 +57,6 @@ def raw(method: str = "GET", target: str | bytes = "/", body: bytes = b"", heade
 def chunked(body: bytes, size: int = 3) -> bytes:
     pieces = [b"%x;ext=1\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
     return b"".join(pieces) + b"0\r\nX-Trailer: t\r\n\r\n"
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-    @property
-    def error(self) -> dict[str, str]:
-        assert self.headers["Content-Type"] == "application/json"
-        error: dict[str, str] = self.json()["error"]
-        assert set(error) == {"message", "type", "code"}
-        return error
 
 
 def parse_head(data: bytes) -> Answer:
