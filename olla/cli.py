@@ -18,7 +18,7 @@ from pathlib import Path
 
 from olla import __version__
 from olla.errors import ConfigError
-from olla.logs import setup_logging
+from olla.logs import access, setup_logging
 
 log = logging.getLogger("olla")
 
@@ -119,6 +119,7 @@ async def serve(config, path: Path | None = None) -> int:  # type: ignore[no-unt
     except TimeoutError:
         log.warning("drain timed out", extra={"in_flight": traffic.in_flight})
     await app.stop(server)
+    access.flush()  # the last turn's access-log lines, before the last line of all
     log.info("stopped")
     return 0
 

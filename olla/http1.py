@@ -18,7 +18,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -325,10 +325,13 @@ class Client:
         self._idle: dict[Origin, list[Connection]] = {}
 
     async def request(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes, connect_timeout: float,
-        fresh: bool = False, deadline: float | None = None,
+        self, method: str, url: str, headers: Mapping[str, str] | Sequence[tuple[str, str]], body: bytes,
+        connect_timeout: float, fresh: bool = False, deadline: float | None = None, close: bool = False,
     ) -> Response:  # fmt: skip
         """Send a request and wait for the response's head (`fresh`: never on a kept-alive connection).
+
+        `headers` (a mapping or pairs) never hold Host, Content-Length or Connection: the client sets them,
+        `Connection: close` when `close` asks the endpoint to close the connection after its answer.
 
         TimeoutError when the head has not arrived by `deadline` (`time.monotonic()`); ConnectTimeout when a
         new connection takes longer than `connect_timeout`, unless the deadline comes first.
@@ -339,9 +342,12 @@ class Client:
         if connection is None:
             connection = await self._connect(origin, connect_timeout, deadline)
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())  # both sources allow no CR or LF
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        lines.extend(f"{name}: {value}\r\n" for name, value in pairs)  # both sources allow no CR or LF
         if body or method not in ("GET", "HEAD"):
             lines.append(f"Content-Length: {len(body)}\r\n")
+        if close:
+            lines.append("Connection: close\r\n")
         lines.append("\r\n")
         try:
             request = "".join(lines).encode("utf-8", "surrogateescape") + body
@@ -356,7 +362,7 @@ class Client:
                 status, reason, response_headers, keep_alive, length = head
                 del connection.buffer[:length]
                 if status >= 200 or status == 101:
-                    keep_alive = keep_alive and "close" not in headers.get("Connection", "").lower()  # ours said close
+                    keep_alive = keep_alive and not close
                     return Response(self, connection, status, reason, response_headers, keep_alive, method, reused)
         except BaseException:
             connection.close()

@@ -9,6 +9,7 @@ request; the line written here costs about 5 µs (bench/results/overhead-notes.m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -62,14 +63,21 @@ class TextFormatter(logging.Formatter):
 
 
 class AccessLog:
-    """The `olla.access` lines: written when the log level lets info through, else skipped."""
+    """The `olla.access` lines: written when the log level lets info through, else skipped.
+
+    The lines of one turn of the event loop go out in one write at the start of the
+    next turn, before any socket is read again: a write per line was the largest
+    single cost left in a request (bench/results/overhead-notes.md).
+    """
 
     def __init__(self) -> None:
         self.stream: TextIO | None = None  # None: off (the router's tests read it by configuring one)
         self._line, self._time = json_line, JSON_TIME
         self._second, self._when = -1, ""
+        self._pending: list[str] = []
 
     def configure(self, stream: TextIO | None, level: str = "info", fmt: str = "json") -> None:
+        self.flush()
         on = logging.getLevelName(level.upper()) <= logging.INFO
         self.stream = stream if on else None
         self._line, self._time = (json_line, JSON_TIME) if fmt == "json" else (text_line, TEXT_TIME)
@@ -81,9 +89,21 @@ class AccessLog:
         second = int(time.time())
         if second != self._second:  # the stamp has whole seconds: strftime was ~2 µs a line under load
             self._second, self._when = second, time.strftime(self._time, time.localtime(second))
-        line = self._line(self._when, "info", "olla.access", "request", fields)
-        self.stream.write(line + "\n")
-        self.stream.flush()  # like logging's StreamHandler: a line is on disk when the request is over
+        self._pending.append(self._line(self._when, "info", "olla.access", "request", fields) + "\n")
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop running: at once
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the lines not written yet."""
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        if self.stream is not None:
+            self.stream.write("".join(lines))
+            self.stream.flush()
 
 
 access = AccessLog()

@@ -150,7 +150,6 @@ class Proxy:
             tried.append(endpoint)
             exchange.attempts += 1
             headers = request_headers(request.headers, endpoint, request.remote, request.scheme)
-            headers.popall("Content-Encoding", None)  # the server decoded the body; the bytes go out as read
             self._enter(endpoint)
             headers_by = deadline
             if not plan.route.takes_slot:  # it cannot be waiting for a generation: silence means a stuck endpoint

@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from olla.config import ProxyConfig
 from olla.endpoint import Endpoint, Health, Probe
@@ -44,25 +44,30 @@ HOP_BY_HOP = frozenset(
 # Client credentials are for olla, never for an endpoint; X-Conversation-Id makes
 # llama-server keep generating after the client leaves, holding the slot.
 FRAMING = HOP_BY_HOP | {"content-length"}
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "cookie", "x-conversation-id"}
+# olla's server decoded the body (Content-Encoding) and olla sets X-Forwarded-*.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "cookie", "x-conversation-id",
+                              "content-encoding", "x-forwarded-for", "x-forwarded-proto"}  # fmt: skip
+Headers = list[tuple[str, str]]
 REJECTED = frozenset((502, 503, 504))
 REJECTED_BODY_LIMIT = 64 * 1024
 KEEPALIVE = 4.0  # below llama-server's 5 s keep-alive timeout
 STALE = 0.25  # a pooled connection the endpoint had closed fails within this long of sending on it
 
 
-def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str | None, scheme: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    connection_listed = {h.strip().lower() for h in incoming.get("connection", "").split(",")}
-    for name, value in incoming.items():
-        lowered = name.lower()
-        if lowered not in NOT_FORWARDED and lowered not in connection_listed:
-            headers.add(name, value)
-    if peer:
-        prior = incoming.get("x-forwarded-for")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = scheme
-    headers.update(endpoint.config.headers)
+def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str | None, scheme: str) -> Headers:
+    """The client's headers an endpoint gets, then X-Forwarded-For and -Proto, then the endpoint's own `headers`."""
+    own = endpoint.config.headers
+    skipped = NOT_FORWARDED
+    if listed := incoming.get("connection"):
+        skipped = skipped | {h.strip().lower() for h in listed.split(",")}
+    if own:
+        skipped = skipped | {name.lower() for name in own}
+    headers = [(name, value) for name, value in incoming.items() if name.lower() not in skipped]
+    prior = incoming.get("x-forwarded-for")
+    if peer or prior:
+        headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior and peer else peer or prior or ""))
+    headers.append(("X-Forwarded-Proto", scheme))
+    headers += own.items()
     return headers
 
 
@@ -83,8 +88,9 @@ class Upstream:
         self.client = client
         self.config = config
 
-    async def _request(self, endpoint: Endpoint, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                       connect_timeout: float, deadline: float | None = None) -> Response:  # fmt: skip
+    async def _request(self, endpoint: Endpoint, method: str, url: str, headers: Mapping[str, str] | Headers,
+                       body: bytes, connect_timeout: float, deadline: float | None = None,
+                       close: bool = False) -> Response:  # fmt: skip
         """Send and wait for the response's head; a kept-alive connection the endpoint had closed: once more, fresh.
 
         TimeoutError when the head has not come by `deadline`.
@@ -92,12 +98,13 @@ class Upstream:
         try:
             sent = time.monotonic()
             try:
-                response = await self.client.request(method, url, headers, body, connect_timeout, deadline=deadline)
+                response = await self.client.request(method, url, headers, body, connect_timeout, deadline=deadline,
+                                                     close=close)  # fmt: skip
             except Closed as exc:
                 if not exc.reused or time.monotonic() - sent >= STALE:
                     raise
                 response = await self.client.request(method, url, headers, body, connect_timeout, fresh=True,
-                                                     deadline=deadline)  # fmt: skip
+                                                     deadline=deadline, close=close)  # fmt: skip
             return response
         except ConnectTimeout as exc:
             raise UpstreamUnreachable(f"endpoint {endpoint.name} accepted no connection within "
@@ -116,16 +123,14 @@ class Upstream:
     # --- the request path --------------------------------------------------------
 
     async def send(
-        self, endpoint: Endpoint, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes, deadline: float,
+        self, endpoint: Endpoint, method: str, path_qs: str, headers: Headers, body: bytes, deadline: float,
         streaming: bool = False,
     ) -> Response:
         """Send one attempt and wait for its headers; a 502/503/504 answer raises UpstreamRejected."""
         url = endpoint.config.url.rstrip("/") + path_qs
-        if streaming:
-            headers["Connection"] = "close"
-        try:  # the deadline is an alarm of the client's (olla.alarms), not a loop timer: ~30 µs less per request
+        try:  # the deadline is an alarm of the client's (olla.alarms), not a loop timer
             response = await self._request(endpoint, method, url, headers, body, self.config.connection_timeout,
-                                           deadline)  # fmt: skip
+                                           deadline, close=streaming)  # fmt: skip
         except TimeoutError as exc:
             raise UpstreamTimeout(f"endpoint {endpoint.name} sent no response headers in time") from exc
         if response.status in REJECTED:

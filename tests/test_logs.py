@@ -1,7 +1,8 @@
-"""The access log's time stamp: made once a second, and always the second the line was written in."""
+"""The access log: its time stamp (once a second, always the second the line was written in), and its writes."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 
@@ -27,3 +28,38 @@ def test_each_line_carries_the_second_it_was_written_in(monkeypatch: pytest.Monk
     access.configure(stream, "info", "text")  # a new format makes its own stamp at once
     access.write({"status": 200})
     assert stream.getvalue().splitlines()[-1].startswith(time.strftime(TEXT_TIME, time.localtime(1_790_000_061)) + " ")
+
+
+class Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_the_lines_of_one_loop_turn_go_out_in_one_write_at_the_next() -> None:
+    stream = Writes()
+    access = AccessLog()
+    access.configure(stream, "info", "json")
+    for status in (200, 404, 503):
+        access.write({"status": status})
+    assert stream.getvalue() == ""  # not yet: the turn is not over
+    await asyncio.sleep(0)
+    assert [orjson.loads(line)["status"] for line in stream.getvalue().splitlines()] == [200, 404, 503]
+    assert stream.writes == 1
+    access.write({"status": 201})
+    access.configure(None)  # turning the log off (or changing it) writes what is pending first
+    assert orjson.loads(stream.getvalue().splitlines()[-1])["status"] == 201 and stream.writes == 2
+
+
+def test_without_a_running_loop_a_line_is_written_at_once() -> None:
+    stream = io.StringIO()
+    access = AccessLog()
+    access.configure(stream, "info", "text")
+    access.write({"status": 200})
+    assert "status=200" in stream.getvalue()
