@@ -2,6 +2,8 @@
 
     python -m bench.overhead.budget [--rounds 5] [--seconds 4] [--connections 16] [--output FILE]
 
+It writes bench/results/budget.md unless `--output` names another file.
+
 Every variant forwards the benchmark's non-streaming chat (bench/overhead/throughput.py) to one nginx
 upstream; rounds interleave the variants (A B C ... A B C); the table shows medians of req/s and of the
 process's CPU (user + system) per request, and each variant's difference to olla. olla is CPU-bound on
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--output", type=Path)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parents[1] / "results" / "budget.md")
     args = parser.parse_args(argv)
     require("nginx", "wrk")
     results = measure(args.rounds, args.seconds, args.connections)
@@ -140,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Where olla's CPU per request goes", "",
              (f"Command: `{command}`. Run {when} on {os.cpu_count()} CPUs, load average {load} at the end; medians "
               "over rounds. What each variant is: the module docstring of bench/overhead/budget.py. "
-              "Interpretation: [overhead-notes.md](overhead-notes.md), section \"The budget\"."),
+              "Interpretation: [overhead-notes.md](overhead-notes.md), sections \"The budget\" and "
+              "\"olla's own server\"."),
              "", *table(results)]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.output:
-        args.output.write_text(text)
+    args.output.write_text(text)
     return 0
 
 
