@@ -8,8 +8,9 @@ body over the limit BodyTooLarge; no message repeats the client's bytes.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
-from olla.errors import BodyTooLarge, InvalidRequest, MalformedRequest
+from olla.errors import BodyTooLarge, InvalidRequest
 from olla.wire import MAX_FIELD_SIZE, MAX_HEADERS, TOKEN, malformed
 
 HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -19,16 +20,21 @@ DATA, DATA_END, SIZE, TRAILER, DONE = range(5)
 
 
 class Body:
-    """A request body's framing, taken from the front of a buffer as it arrives; what follows it stays there.
+    """A body's framing, taken from the front of a buffer as it arrives; what follows it stays there.
 
     Content-Length, or chunked coding (its extensions ignored, its trailers dropped).
+    A request's body here, and an endpoint's chunked answer in olla.http1: `fault`
+    makes the exception for a broken framing (MalformedRequest by default). The
+    data before a fault is taken first; the fault is raised by the next call, and
+    by every later one.
     """
 
-    __slots__ = ("_chunked", "_left", "_state", "_trailers", "length")
+    __slots__ = ("_chunked", "_fault", "_left", "_state", "_trailers", "length")
 
-    def __init__(self, length: int, chunked: bool) -> None:
+    def __init__(self, length: int, chunked: bool, fault: Callable[[str], Exception] = malformed) -> None:
         self.length = length  # the Content-Length (0 when chunked)
         self._chunked = chunked
+        self._fault = fault
         self._left = length  # bytes of the body, or of the current chunk, not taken yet
         self._state = SIZE if chunked else DATA if length else DONE
         self._trailers = 0
@@ -49,12 +55,20 @@ class Body:
             if not self._left:
                 self._state = DONE
             return data
-        pieces = []
+        pieces: list[bytes] = []
+        try:
+            self._chunks(buffer, pieces)
+        except Exception:  # whatever `fault` makes
+            if not pieces:
+                raise  # else the data goes first: what broke stays in the buffer for the next call
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _chunks(self, buffer: bytearray, pieces: list[bytes]) -> None:
         while self._state != DONE:
             if self._state == DATA:
                 n = min(self._left, len(buffer))
                 if not n:
-                    break
+                    return
                 pieces.append(bytes(buffer[:n]))
                 del buffer[:n]
                 self._left -= n
@@ -63,38 +77,38 @@ class Body:
                 continue
             if self._state == DATA_END:
                 if len(buffer) < 2:
-                    break
+                    return
                 if buffer[:2] != b"\r\n":
-                    raise malformed("invalid chunk: its data is not followed by CRLF")
+                    raise self._fault("invalid chunk: its data is not followed by CRLF")
                 del buffer[:2]
                 self._state = SIZE
                 continue
             newline = buffer.find(b"\r\n")
             if newline < 0:
                 if len(buffer) > MAX_FIELD_SIZE:
-                    raise malformed("invalid chunk: a size or trailer line is too long")
-                break
+                    raise self._fault("invalid chunk: a size or trailer line is too long")
+                return
             line = bytes(buffer[:newline])
-            del buffer[: newline + 2]
             if self._state == TRAILER:
+                if self._trailers >= MAX_HEADERS:
+                    raise self._fault("invalid chunk: too many trailers")
+                del buffer[: newline + 2]
                 self._trailers += 1
-                if self._trailers > MAX_HEADERS:
-                    raise malformed("invalid chunk: too many trailers")
                 self._state = TRAILER if line else DONE
                 continue
             size = line.partition(b";")[0].rstrip(b" \t")
             if not size or size.strip(HEX_DIGITS) or len(size) > 16:
-                raise malformed("invalid chunk size line")
+                raise self._fault("invalid chunk size line")
+            del buffer[: newline + 2]
             self._left = int(size, 16)
             self._state = DATA if self._left else TRAILER
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def discard(self, buffer: bytearray) -> bool:
         """Drop the rest of the body if all of it has arrived; False if it has not, or breaks its framing."""
         try:
             while not self.done and self.take(buffer):
                 pass
-        except MalformedRequest:
+        except Exception:  # noqa: BLE001 (a broken framing, whatever `fault` makes)
             return False
         return self.done
 

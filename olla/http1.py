@@ -26,11 +26,11 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from olla.alarms import Alarms
+from olla.body import Body
 
 MAX_HEAD = 64 * 1024  # a response head (status line and headers) larger than this is refused
 HIGH_WATER, LOW_WATER = 256 * 1024, 64 * 1024  # read no more while this much is unread, resume below the low mark
 NO_BODY = frozenset((204, 304))
-HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class Closed(ConnectionError):
@@ -124,10 +124,14 @@ class Connection(asyncio.Protocol):
     def take(self, n: int) -> bytes:
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
+        self.consumed()
+        return data
+
+    def consumed(self) -> None:
+        """Bytes were taken out of the buffer: read again once it is low."""
         if self._paused and len(self.buffer) < LOW_WATER and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return data
 
     def close(self) -> None:
         self.closed = True
@@ -160,8 +164,6 @@ def parse_head(buffer: bytearray) -> tuple[int, str, CIMultiDict[str], bool, int
 
 # How a body ends.
 LENGTH, CHUNKED, UNTIL_CLOSE, NONE = range(4)
-# Where a chunked body is.
-SIZE, DATA, DATA_END, TRAILER = range(4)
 
 
 class Response:
@@ -177,7 +179,7 @@ class Response:
         self._connection: Connection | None = connection
         self._keep_alive = keep_alive
         self._remaining = 0
-        self._state = SIZE
+        self._chunks = Body(0, True, Malformed)  # read when the framing is CHUNKED
         coding = headers.get("Transfer-Encoding")
         if method == "HEAD" or status in NO_BODY:
             self._framing = NONE
@@ -211,17 +213,15 @@ class Response:
                     self._finish()
                 return data
         elif self._framing == CHUNKED:
-            pieces = []  # everything that has arrived, in one piece: a write to the client for each would cost more
-            try:
-                while self._connection is not None and (piece := self._chunked(connection)):
-                    pieces.append(piece)
-            except Malformed:
-                if not pieces:
-                    raise  # else the good data goes first, and the next call meets the same fault
-            if pieces:
-                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            if self._connection is None:
-                return b""
+            # Everything that has arrived, in one piece (a write to the client for each chunk would cost more);
+            # before a broken framing, the data goes first and the next call raises Malformed.
+            data = self._chunks.take(buffer)
+            connection.consumed()
+            if self._chunks.done:
+                self._finish()
+                return data
+            if data:
+                return data
         elif buffer:
             return connection.take(len(buffer))
         elif connection.closed and connection.error is None:
@@ -230,44 +230,6 @@ class Response:
         if connection.closed:
             raise Closed(str(connection.error or ""))
         return None
-
-    def _chunked(self, connection: Connection) -> bytes | None:
-        buffer = connection.buffer
-        while True:
-            if self._state == DATA:
-                n = min(self._remaining, len(buffer))
-                if not n:
-                    return None
-                self._remaining -= n
-                if not self._remaining:
-                    self._state = DATA_END
-                return connection.take(n)
-            if self._state == DATA_END:
-                if len(buffer) < 2:
-                    return None
-                if buffer[:2] != b"\r\n":
-                    raise Malformed("chunk data not followed by CRLF")
-                del buffer[:2]
-                self._state = SIZE
-                continue
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    raise Malformed("chunk size line too long")
-                return None
-            line = bytes(buffer[:end])
-            if self._state == TRAILER:
-                connection.take(end + 2)
-                if not line:
-                    self._finish()
-                    return b""
-                continue
-            size = line.split(b";", 1)[0].strip()
-            if not size or size.strip(HEX_DIGITS):  # the line stays: every later call fails the same way
-                raise Malformed(f"bad chunk size line: {line[:40]!r}")
-            connection.take(end + 2)
-            self._remaining = int(size, 16)
-            self._state = DATA if self._remaining else TRAILER
 
     def whole(self) -> bytes | None:
         """The body, when its Content-Length says it has all arrived; else None, and nothing is taken."""

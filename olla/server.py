@@ -145,6 +145,8 @@ class Connection(asyncio.Protocol):
         """The body's bytes that have arrived, taken out of the buffer (reading resumes once it is low)."""
         try:
             data = body.take(self.buffer)
+            if data and self.buffer and not body.done:
+                data += body.take(self.buffer)  # a broken framing behind the data: a request's is refused at once
         except MalformedRequest as failure:  # logged as the server's refusals are; the app answers it
             log.info("malformed request", extra={"status": failure.status, "error": failure.message})
             raise
