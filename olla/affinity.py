@@ -33,7 +33,7 @@ CHAT_ROUTES = frozenset({"/v1/chat/completions", "/v1/messages"})
 PROMPT_ROUTES = frozenset({"/completion", "/v1/completions", "/infill"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Keys:
     lookup: tuple[bytes, ...]  # longest prefix first
     record: bytes | None

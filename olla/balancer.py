@@ -110,6 +110,8 @@ class SlotAware:
         return None
 
     def _best(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        if len(endpoints) == 1:
+            return endpoints[0]
         most = max(e.slots.free for e in endpoints)
         roomiest = [e for e in endpoints if e.slots.free == most]
         if len(roomiest) > 1:

@@ -41,7 +41,7 @@ BODY_TIMEOUT = 30.0  # longest silence while a client sends its body: a slow-lor
 SESSION_HEADER = "X-Olla-Session-ID"
 
 
-@dataclass
+@dataclass(slots=True)
 class Plan:
     """What one request needs for its attempts."""
 
