@@ -33,25 +33,25 @@ BODY_LIMIT = 64 * 1024
 @pytest.fixture
 async def router(start_sims) -> AsyncIterator[Served]:  # type: ignore[no-untyped-def]
     (sim,) = await start_sims(fast())
-    async with serving([ep("a", sim)], server={"request_limits": {"max_body_size": BODY_LIMIT}}) as listener:
-        yield listener
+    async with serving([ep("a", sim)], server={"request_limits": {"max_body_size": BODY_LIMIT}}) as served:
+        yield served
 
 
-def forwarded(listener: Served) -> int:
+def forwarded(served: Served) -> int:
     """Attempts the router has made against its endpoints."""
-    return sum(e.requests for e in listener.app.registry)
+    return sum(e.requests for e in served.app.registry)
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def refused(listener: Served, data: bytes, status: int, code: str) -> dict[str, str]:
+async def refused(served: Served, data: bytes, status: int, code: str) -> dict[str, str]:
     """Send `data`; the router itself answers `status` `code` without forwarding anything."""
-    before = forwarded(listener)
-    answer = await send(listener.port, data)
+    before = forwarded(served)
+    answer = await send(served.port, data)
     assert (answer.status, answer.error["code"]) == (status, code), answer.body
-    assert not answer.from_endpoint and forwarded(listener) == before
+    assert not answer.from_endpoint and forwarded(served) == before
     return answer.error
 
 
@@ -117,9 +117,9 @@ async def test_null_fields_count_as_absent_and_other_fields_are_the_endpoints(ro
 
 async def test_the_forwarded_body_is_the_bytes_sent(start_sims) -> None:
     (sim,) = await start_sims(fast())
-    async with serving([ep("a", sim)]) as listener:
+    async with serving([ep("a", sim)]) as served:
         body = b'{ "model" : "chat-model",\n  "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2 }'
-        answer = await send(listener.port, request("POST", CHAT_PATH, body))
+        answer = await send(served.port, request("POST", CHAT_PATH, body))
         assert answer.status == 200 and answer.from_endpoint
 
 
@@ -284,8 +284,8 @@ async def test_the_parsers_answer_never_echoes_the_client_bytes(router, caplog) 
 
 async def test_a_client_sending_its_headers_slowly_is_cut_off(start_sims) -> None:
     (sim,) = await start_sims(fast(decode_ms=10.0))
-    async with serving([ep("a", sim)], head_timeout=0.3) as listener:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    async with serving([ep("a", sim)], head_timeout=0.3) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         started = time.monotonic()
         closed_after = None
         for byte in b"GET /internal/health HTTP/1.1\r\nHost: olla.test\r\nX-Slow: " + b"a" * 100:
@@ -300,12 +300,12 @@ async def test_a_client_sending_its_headers_slowly_is_cut_off(start_sims) -> Non
         assert closed_after is not None and 0.25 <= closed_after < 1.0, closed_after
 
         # An idle connection is closed by the same bound; a request may run far longer than it.
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         async with asyncio.timeout(2):
             assert await reader.read() == b""
         writer.close()
         started = time.monotonic()
-        answer = await send(listener.port, request("POST", CHAT_PATH, orjson.dumps(chat(tokens=60))))
+        answer = await send(served.port, request("POST", CHAT_PATH, orjson.dumps(chat(tokens=60))))
         assert answer.status == 200 and time.monotonic() - started > 0.5
         assert answer.json()["usage"]["completion_tokens"] == 60
 
@@ -335,8 +335,8 @@ async def test_endpoint_headers_never_show_in_answers_status_metrics_or_logs(sta
     endpoints = [ep("keyed", keyed, headers={"Authorization": secret, "X-Extra": other}),
                  ep("wrong", wrong, headers={"Authorization": "Bearer sk-endpoint-secret-3"})]  # fmt: skip
     seen: list[bytes] = []
-    async with serving(endpoints, ready=1) as listener:
-        port = listener.port
+    async with serving(endpoints, ready=1) as served:
+        port = served.port
 
         async def ask(data: bytes) -> Answer:
             answer = await send(port, data)

@@ -180,8 +180,8 @@ async def test_generated_requests_never_make_the_router_fail(start_sims, caplog)
     seen: Counter[tuple[int, str]] = Counter()
     async with serving(
         [ep("a", sim)], server={"request_limits": {"max_body_size": BODY_LIMIT}}, proxy={"response_timeout": "10s"}
-    ) as listener:
-        port = listener.port
+    ) as served:
+        port = served.port
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
@@ -203,7 +203,7 @@ async def test_generated_requests_never_make_the_router_fail(start_sims, caplog)
         assert {405, 413} <= statuses, seen
         assert not errors_logged(caplog)
 
-        registry = listener.app.registry
+        registry = served.app.registry
         await wait_until(registry, lambda: all(e.routable for e in registry))
         answer: Answer = await send(port, request("POST", "/olla/llamacpp/v1/chat/completions", orjson.dumps(chat())))
         assert answer.status == 200 and answer.json()["choices"][0]["message"]["role"] == "assistant"
