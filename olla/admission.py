@@ -35,11 +35,10 @@ WRONG_KEY = "Incorrect API key provided."
 
 class Admission:
     def __init__(
-        self, config: ServerConfig, metrics: Metrics, open_paths: frozenset[str], status_paths: frozenset[str],
-        clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+        self, config: ServerConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self.metrics = metrics
-        self.open_paths, self.status_paths = open_paths, status_paths
         self.clock, self.wall = clock, wall
         self.config = config
         self._auth(config)
@@ -106,14 +105,12 @@ class Admission:
 
     def headers(self, request: Request, exchange: Exchange, headers: list[tuple[str, str]]) -> None:
         """Add the rate-limit and CORS headers to an answer's headers (not to a preflight's answer)."""
-        if self.cors is None:
-            if exchange.rate_headers:
-                _add_missing(headers, exchange.rate_headers)
-            return
-        if is_preflight(request.method, request.headers):
+        if self.cors is not None and is_preflight(request.method, request.headers):
             return
         if exchange.rate_headers:
             _add_missing(headers, exchange.rate_headers)
+        if self.cors is None:
+            return
         if self.cors.varies:
             headers.append(("Vary", "Origin"))
         cors = self.cors.response(request.headers.get("Origin"), [name for name, _ in headers])

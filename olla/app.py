@@ -119,8 +119,7 @@ class App:
                 self.prefixes[prefix] = profile
                 self.routes[f"/olla/{prefix}{profile.models_path}"] = Route(status.openai_models,
                                                                             frozenset({"GET"}), OTHER)  # fmt: skip
-        self.admission = Admission(config.server, metrics, frozenset({HEALTH_PATH}),
-                                   frozenset(p for p, r in self.routes.items() if r.kind == STATUS))  # fmt: skip
+        self.admission = Admission(config.server, metrics)
         self.front = Front(self.dispatch, metrics, self.traffic, self.admission.headers)
 
     async def dispatch(self, request: Request, exchange: Exchange) -> Answer:

@@ -31,6 +31,7 @@ REQUEST_ID_LIMIT = 128
 _ids = random.Random(os.urandom(16))
 Answer = Response | Stream
 
+
 @dataclass(slots=True)
 class Exchange:
     request_id: str
