@@ -17,11 +17,15 @@ its own prefixes, longest first, and finds that key:
 Every key includes the model. The map is an LRU bounded by `max_entries`, and
 entries idle longer than `ttl` are ignored and dropped, so memory does not grow
 with traffic.
+
+Keys are Python's own `hash()` of (previous key, part): keys never leave the
+process, so its per-process random seed does no harm, and it is a third of the
+cost of a blake2b chain (measured in bench/results/overhead-notes.md). Two
+conversations sharing a 61-bit key would only share an endpoint preference.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -33,21 +37,17 @@ CHAT_ROUTES = frozenset({"/v1/chat/completions", "/v1/messages"})
 PROMPT_ROUTES = frozenset({"/completion", "/v1/completions", "/infill"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen one takes twice as long to make
 class Keys:
-    lookup: tuple[bytes, ...]  # longest prefix first
-    record: bytes | None
-
-
-def _hash(previous: bytes, part: bytes) -> bytes:
-    return hashlib.blake2b(previous + part, digest_size=16).digest()
+    lookup: tuple[int, ...]  # longest prefix first
+    record: int | None
 
 
 def keys_for(model: str, route: str, document: Any, session_id: str | None) -> Keys | None:
     """The request's conversation keys, or None when it has nothing worth remembering."""
-    root = _hash(b"olla-affinity", model.encode())
+    root = hash(("olla-affinity", model))
     if session_id:
-        key = _hash(root, b"session:" + session_id.encode())
+        key = hash((root, "session", session_id))
         return Keys((key,), key)
     if not isinstance(document, dict):
         return None
@@ -61,21 +61,23 @@ def keys_for(model: str, route: str, document: Any, session_id: str | None) -> K
     return None
 
 
-def _chat_keys(root: bytes, document: dict[str, Any]) -> Keys | None:
+def _chat_keys(root: int, document: dict[str, Any]) -> Keys | None:
     messages = document.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
     system = document.get("system")  # the Anthropic form keeps the system prompt beside the messages
-    chain = [_hash(root, orjson.dumps(system, option=orjson.OPT_SORT_KEYS)) if system else root]
-    for message in messages:
-        chain.append(_hash(chain[-1], orjson.dumps(message, option=orjson.OPT_SORT_KEYS)))
-    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
-    before_last_user = users[-1] if users else len(messages)
-    lookup = tuple(chain[i] for i in range(before_last_user, 0, -1))
-    return Keys(lookup, chain[-1])
+    key = hash((root, orjson.dumps(system, option=orjson.OPT_SORT_KEYS))) if system else root
+    chain = []  # chain[i]: the key of the first i + 1 messages
+    before_last_user = len(messages)
+    for i, message in enumerate(messages):
+        key = hash((key, orjson.dumps(message, option=orjson.OPT_SORT_KEYS)))
+        chain.append(key)
+        if isinstance(message, dict) and message.get("role") == "user":
+            before_last_user = i
+    return Keys(tuple(reversed(chain[:before_last_user])), key)
 
 
-def _prompt_keys(root: bytes, document: dict[str, Any]) -> Keys | None:
+def _prompt_keys(root: int, document: dict[str, Any]) -> Keys | None:
     prompt = document.get("prompt")
     if prompt is None and "input_prefix" in document:
         prompt = [document.get("input_extra"), document.get("input_prefix")]
@@ -87,7 +89,7 @@ def _prompt_keys(root: bytes, document: dict[str, Any]) -> Keys | None:
         return None
     chain = [root]
     for b in range(blocks):
-        chain.append(_hash(chain[-1], text[b * BLOCK : (b + 1) * BLOCK]))
+        chain.append(hash((chain[-1], text[b * BLOCK : (b + 1) * BLOCK])))
     return Keys(tuple(reversed(chain[1:])), chain[-1])
 
 
@@ -97,7 +99,7 @@ class AffinityMap:
     def __init__(self, max_entries: int, ttl: float) -> None:
         self.max_entries = max_entries
         self.ttl = ttl
-        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)

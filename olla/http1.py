@@ -18,7 +18,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -49,12 +49,15 @@ class Malformed(ValueError):
     """The endpoint's answer breaks HTTP/1.1."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: `split` makes one object per origin
 class Origin:
     scheme: str
     host: str
     port: int
     host_header: str
+
+
+_origins: dict[tuple[str, str, int, str], Origin] = {}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -67,7 +70,8 @@ def split(url: str) -> tuple[Origin, str]:
     port = parts.port or default
     host = parts.hostname
     shown = f"[{host}]" if ":" in host else host
-    origin = Origin(parts.scheme, host, port, shown if port == default else f"{shown}:{port}")
+    fields = (parts.scheme, host, port, shown if port == default else f"{shown}:{port}")
+    origin = _origins.get(fields) or _origins.setdefault(fields, Origin(*fields))
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return origin, target
 
@@ -139,8 +143,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def parse_head(buffer: bytearray) -> tuple[int, str, CIMultiDict[str], bool, int] | None:
-    """The response head at the buffer's start: (status, reason, headers, keep-alive, length); None if incomplete."""
+def parse_head(buffer: bytearray) -> tuple[int, str, list[tuple[str, str]], bool, int] | None:
+    """The response head at the buffer's start: (status, reason, header pairs, keep-alive, length); None if incomplete."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         if len(buffer) > MAX_HEAD:
@@ -151,15 +155,18 @@ def parse_head(buffer: bytearray) -> tuple[int, str, CIMultiDict[str], bool, int
     code, _, reason = rest.partition(" ")
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
         raise Malformed(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    headers: CIMultiDict[str] = CIMultiDict()
+    pairs = []
+    connection = ""
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise Malformed(f"bad header line: {line[:80]!r}")
-        headers.add(name, value.strip(" \t"))
-    tokens = headers.get("Connection", "").lower()
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-    return int(code), reason, headers, keep_alive, end + 4
+        value = value.strip(" \t")
+        pairs.append((name, value))
+        if name.lower() == "connection":
+            connection += "," + value.lower()
+    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    return int(code), reason, pairs, keep_alive, end + 4
 
 
 # How a body ends.
@@ -170,10 +177,12 @@ class Response:
     """A response whose head has arrived; its body is read with `take` and `more`, or `read`."""
 
     def __init__(self, client: Client, connection: Connection, status: int, reason: str,
-                 headers: CIMultiDict[str], keep_alive: bool, method: str, reused: bool) -> None:  # fmt: skip
+                 pairs: list[tuple[str, str]], keep_alive: bool, method: str, reused: bool) -> None:  # fmt: skip
         self.status = status
         self.reused = reused  # it came on a kept-alive connection
         self.reason = reason
+        self.raw_headers = pairs  # the header lines as sent, in order (what a proxy relays)
+        headers: CIMultiDict[str] = CIMultiDict(pairs)
         self.headers = CIMultiDictProxy(headers)
         self._client = client
         self._connection: Connection | None = connection
@@ -287,7 +296,7 @@ class Client:
         self._idle: dict[Origin, list[Connection]] = {}
 
     async def request(
-        self, method: str, url: str, headers: Mapping[str, str] | Sequence[tuple[str, str]], body: bytes,
+        self, method: str, url: str, headers: Mapping[str, str] | list[tuple[str, str]], body: bytes,
         connect_timeout: float, fresh: bool = False, deadline: float | None = None, close: bool = False,
     ) -> Response:  # fmt: skip
         """Send a request and wait for the response's head (`fresh`: never on a kept-alive connection).
@@ -304,7 +313,7 @@ class Client:
         if connection is None:
             connection = await self._connect(origin, connect_timeout, deadline)
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        pairs = headers if isinstance(headers, list) else headers.items()  # (not isinstance Mapping: an ABC is slow)
         lines.extend(f"{name}: {value}\r\n" for name, value in pairs)  # both sources allow no CR or LF
         if body or method not in ("GET", "HEAD"):
             lines.append(f"Content-Length: {len(body)}\r\n")
@@ -321,11 +330,11 @@ class Client:
                         raise Closed(str(connection.error or ""), reused)
                     await connection.more(self.alarms, deadline)
                     continue
-                status, reason, response_headers, keep_alive, length = head
+                status, reason, pairs, keep_alive, length = head
                 del connection.buffer[:length]
                 if status >= 200 or status == 101:
                     keep_alive = keep_alive and not close
-                    return Response(self, connection, status, reason, response_headers, keep_alive, method, reused)
+                    return Response(self, connection, status, reason, pairs, keep_alive, method, reused)
         except BaseException:
             connection.close()
             raise

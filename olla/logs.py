@@ -20,6 +20,8 @@ import orjson
 
 RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 JSON_TIME, TEXT_TIME = "%Y-%m-%dT%H:%M:%S", "%H:%M:%S"
+FLUSH_EVERY = 0.05  # seconds an access-log line may wait for others to go out with it
+MAX_PENDING = 1000  # lines
 
 
 def json_line(when: str, level: str, logger: str, message: str, fields: dict[str, Any]) -> str:
@@ -65,9 +67,10 @@ class TextFormatter(logging.Formatter):
 class AccessLog:
     """The `olla.access` lines: written when the log level lets info through, else skipped.
 
-    The lines of one turn of the event loop go out in one write at the start of the
-    next turn, before any socket is read again: a write per line was the largest
-    single cost left in a request (bench/results/overhead-notes.md).
+    Lines go out together, at most FLUSH_EVERY seconds after the first of them was
+    written (or at once when MAX_PENDING are waiting): a write system call per line,
+    or per turn of the event loop, was the largest single cost left in a request
+    (bench/results/overhead-notes.md). `flush` writes what is pending at once.
     """
 
     def __init__(self) -> None:
@@ -89,12 +92,15 @@ class AccessLog:
         second = int(time.time())
         if second != self._second:  # the stamp has whole seconds: strftime was ~2 µs a line under load
             self._second, self._when = second, time.strftime(self._time, time.localtime(second))
-        self._pending.append(self._line(self._when, "info", "olla.access", "request", fields) + "\n")
-        if len(self._pending) == 1:
+        pending = self._pending
+        pending.append(self._line(self._when, "info", "olla.access", "request", fields) + "\n")
+        if len(pending) == 1:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
             except RuntimeError:  # no loop running: at once
                 self.flush()
+        elif len(pending) >= MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
         """Write the lines not written yet."""

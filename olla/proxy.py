@@ -53,7 +53,7 @@ class Plan:
     streaming: bool
     keys: Keys | None = None
     preferred: Endpoint | None = None
-    held_for: bytes | None = None  # the conversation key the slot is kept for once the attempt ends
+    held_for: int | None = None  # the conversation key the slot is kept for once the attempt ends
 
 
 class Proxy:
@@ -212,7 +212,7 @@ class Proxy:
         self.metrics.first_byte(endpoint.name, exchange.ttfb)
         is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         whole = None if is_sse else upstream.whole()
-        headers = response_headers(upstream.headers)  # the server frames the body itself
+        headers = response_headers(upstream)  # the server frames the body itself
         headers += olla_headers(exchange, plan.profile, endpoint, plan.pool)
         if self.affinity is not None and plan.route.takes_slot:
             headers.append(("X-Olla-Affinity", _affinity(plan.preferred, endpoint)))

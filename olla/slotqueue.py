@@ -66,7 +66,7 @@ class SlotQueue:
         self.metrics = metrics
         self.hold = hold
         self.waitlists: dict[frozenset[str], Waitlist] = {}
-        self.holds: dict[bytes, tuple[Endpoint, Alarm]] = {}  # conversation key: its held slot
+        self.holds: dict[int, tuple[Endpoint, Alarm]] = {}  # conversation key: its held slot
         self.alarms = Alarms()  # a hold's end: one per request that continues a conversation
         self.holds_taken = self.holds_expired = 0
         self.recount: Callable[[Endpoint], None] = lambda endpoint: None  # asks for a fresh /slots reading
@@ -116,7 +116,7 @@ class SlotQueue:
             if taken is None and future.done() and not future.cancelled() and future.exception() is None:
                 self.release(future.result())  # handed a slot in the instant it timed out or its client left
 
-    def release(self, endpoint: Endpoint, hold_for: bytes | None = None) -> None:
+    def release(self, endpoint: Endpoint, hold_for: int | None = None) -> None:
         """Give the slot back, or with a conversation key keep it `hold` seconds for that conversation."""
         if hold_for is None or self.hold <= 0 or not endpoint.routable:
             endpoint.slots.release()
@@ -139,7 +139,7 @@ class SlotQueue:
             self._end_hold(key)
         return None
 
-    def _end_hold(self, key: bytes, expired: bool = False) -> None:
+    def _end_hold(self, key: int, expired: bool = False) -> None:
         hold = self.holds.pop(key, None)
         if hold is not None:
             endpoint, handle = hold

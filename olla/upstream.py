@@ -19,12 +19,12 @@ twice or wait out the deadline: that attempt fails, and the proxy fails over.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
-from multidict import CIMultiDictProxy
 
 from olla.config import ProxyConfig
 from olla.endpoint import Endpoint, Health, Probe
@@ -57,12 +57,11 @@ STALE = 0.25  # a pooled connection the endpoint had closed fails within this lo
 def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str | None, scheme: str) -> Headers:
     """The client's headers an endpoint gets, then X-Forwarded-For and -Proto, then the endpoint's own `headers`."""
     own = endpoint.config.headers
-    skipped = NOT_FORWARDED
-    if listed := incoming.get("connection"):
-        skipped = skipped | {h.strip().lower() for h in listed.split(",")}
+    dropped = _hop_only(incoming.get("Connection"))
     if own:
-        skipped = skipped | {name.lower() for name in own}
-    headers = [(name, value) for name, value in incoming.items() if name.lower() not in skipped]
+        dropped = dropped | {name.lower() for name in own}
+    headers = [(name, value) for name, value in incoming.items()
+               if _forwarded(name) and not (dropped and name.lower() in dropped)]  # fmt: skip
     prior = incoming.get("x-forwarded-for")
     if peer or prior:
         headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior and peer else peer or prior or ""))
@@ -76,11 +75,30 @@ def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str |
 NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+def response_headers(upstream: Response) -> list[tuple[str, str]]:
     """The endpoint's headers a client gets: not its framing (Content-Length, chunked), which olla's server sets."""
-    dropped = FRAMING | {h.strip().lower() for h in upstream.get("connection", "").split(",")}
-    return [(name, value) for name, value in upstream.items()
-            if (lowered := name.lower()) not in dropped and not lowered.startswith(NOT_RELAYED_PREFIXES)]  # fmt: skip
+    dropped = _hop_only(upstream.headers.get("Connection"))
+    return [(name, value) for name, value in upstream.raw_headers
+            if _relayed(name) and not (dropped and name.lower() in dropped)]  # fmt: skip
+
+
+# Per header name as sent: clients and endpoints send the same few names again and again.
+@functools.lru_cache(maxsize=1024)
+def _forwarded(name: str) -> bool:
+    return name.lower() not in NOT_FORWARDED
+
+
+@functools.lru_cache(maxsize=1024)
+def _relayed(name: str) -> bool:
+    lowered = name.lower()
+    return lowered not in FRAMING and not lowered.startswith(NOT_RELAYED_PREFIXES)
+
+
+def _hop_only(connection: str | None) -> frozenset[str]:
+    """The headers a Connection header names as this hop's own (none for the usual keep-alive or close)."""
+    if not connection or connection.lower() in ("keep-alive", "close"):
+        return frozenset()
+    return frozenset(token.strip().lower() for token in connection.split(","))
 
 
 class Upstream:

@@ -112,6 +112,11 @@ def access_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
     stream = io.StringIO()
     logs.access.configure(stream, "info", "json")
     try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+
+        def lines() -> list[dict[str, Any]]:
+            logs.access.flush()
+            return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+        yield lines
     finally:
         logs.access.configure(None)

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import ssl
 import subprocess
+from dataclasses import astuple
 from pathlib import Path
 
 import orjson
@@ -93,6 +94,13 @@ def test_connection_close_and_http_1_0_are_not_kept_alive() -> None:
     assert parse_head(bytearray(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"))[3] is False  # type: ignore[index]
     assert parse_head(bytearray(b"HTTP/1.0 200 OK\r\n\r\n"))[3] is False  # type: ignore[index]
     assert parse_head(bytearray(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"))[3] is True  # type: ignore[index]
+    second = b"HTTP/1.1 200 OK\r\nConnection: x-trace\r\nconnection: Close\r\n\r\n"
+    assert parse_head(bytearray(second))[3] is False  # type: ignore[index]  # any of its Connection headers
+
+
+def test_the_header_lines_are_kept_as_sent_in_order() -> None:
+    head = parse_head(bytearray(b"HTTP/1.1 200 OK\r\nB: 2\r\na: 1\r\nB:  3 \r\n\r\n"))
+    assert head is not None and head[2] == [("B", "2"), ("a", "1"), ("B", "3")]
 
 
 def test_no_body_after_204_or_head() -> None:
@@ -137,8 +145,10 @@ def test_a_body_cut_short_by_the_close_raises_closed() -> None:
 
 
 def test_urls_split_into_origin_and_target() -> None:
-    assert split("http://h:8080/a/b?x=1") == (Origin("http", "h", 8080, "h:8080"), "/a/b?x=1")
-    assert split("https://h/") == (Origin("https", "h", 443, "h"), "/")
+    origin, target = split("http://h:8080/a/b?x=1")
+    assert astuple(origin) == ("http", "h", 8080, "h:8080") and target == "/a/b?x=1"
+    assert astuple(split("https://h/")[0]) == ("https", "h", 443, "h") and split("https://h/")[1] == "/"
+    assert split("http://h:8080/health")[0] is origin  # one object per origin: the idle pool matches by identity
     assert split("http://[::1]:9/v1")[0].host_header == "[::1]:9"
     with pytest.raises(ValueError, match="not an http"):
         split("ftp://h/")

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from olla import logs
-from olla.logs import JSON_TIME, TEXT_TIME, AccessLog
+from olla.logs import FLUSH_EVERY, JSON_TIME, MAX_PENDING, TEXT_TIME, AccessLog
 
 
 def test_each_line_carries_the_second_it_was_written_in(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,19 +42,35 @@ class Writes(io.StringIO):
         return super().write(text)
 
 
-async def test_the_lines_of_one_loop_turn_go_out_in_one_write_at_the_next() -> None:
+async def test_lines_go_out_together_within_flush_every_of_the_first() -> None:
     stream = Writes()
     access = AccessLog()
     access.configure(stream, "info", "json")
-    for status in (200, 404, 503):
-        access.write({"status": status})
-    assert stream.getvalue() == ""  # not yet: the turn is not over
+    access.write({"status": 200})
     await asyncio.sleep(0)
+    for status in (404, 503):
+        access.write({"status": status})
+    await asyncio.sleep(0)
+    assert stream.getvalue() == ""  # not yet: they wait for others to go out with them
+    await asyncio.sleep(FLUSH_EVERY * 2)
     assert [orjson.loads(line)["status"] for line in stream.getvalue().splitlines()] == [200, 404, 503]
     assert stream.writes == 1
     access.write({"status": 201})
     access.configure(None)  # turning the log off (or changing it) writes what is pending first
     assert orjson.loads(stream.getvalue().splitlines()[-1])["status"] == 201 and stream.writes == 2
+
+
+async def test_a_full_batch_goes_out_at_once() -> None:
+    stream = Writes()
+    access = AccessLog()
+    access.configure(stream, "info", "json")
+    for status in range(MAX_PENDING):
+        access.write({"status": status})
+    assert stream.writes == 1 and len(stream.getvalue().splitlines()) == MAX_PENDING
+    access.write({"status": -1})
+    assert stream.writes == 1  # the next batch waits again
+    access.flush()
+    assert stream.writes == 2 and orjson.loads(stream.getvalue().splitlines()[-1])["status"] == -1
 
 
 def test_without_a_running_loop_a_line_is_written_at_once() -> None:

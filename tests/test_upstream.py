@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from olla import http1
 from olla.app import create_app
+from olla.config import EndpointConfig
+from olla.endpoint import Endpoint
+from olla.upstream import request_headers, response_headers
 from tests.routerkit import RouterServer, router_config, wait_until
 
 MODELS = orjson.dumps({"object": "list", "data": [{"id": "m"}]})
@@ -171,3 +176,28 @@ async def test_a_stream_with_broken_chunk_framing_ends_with_an_error_event(aioht
     error = orjson.loads(events[-1].removeprefix("data: "))["error"]
     assert error["message"] == "endpoint e broke the response off: invalid chunk size line"
     assert endpoint.errors == 1
+
+
+def test_an_answer_keeps_its_headers_but_not_its_framing_nor_what_its_connection_header_names() -> None:
+    def relayed(raw: bytes) -> list[tuple[str, str]]:
+        head = http1.parse_head(bytearray(raw))
+        assert head is not None
+        return response_headers(http1.Response(http1.Client(4.0), http1.Connection(http1.split("http://e/")[0]), head[0], head[1],
+                                               head[2], head[3], "GET", False))  # fmt: skip
+
+    assert relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nServer: s\r\nX-Olla-Endpoint: spoof\r\n"
+                   b"Access-Control-Allow-Origin: *\r\nConnection: keep-alive\r\nX-Trace: t\r\n\r\n") == [
+        ("Server", "s"), ("X-Trace", "t")]  # fmt: skip
+    assert relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close, X-Trace\r\nX-Trace: t\r\n"
+                   b"x-kept: k\r\n\r\n") == [("x-kept", "k")]  # fmt: skip
+
+
+def test_a_request_keeps_its_headers_but_not_hop_by_hop_ones_credentials_or_what_the_endpoint_sets() -> None:
+    endpoint = Endpoint(EndpointConfig(name="e", url="http://e:8080", headers={"x-team": "own"}))
+    incoming = CIMultiDictProxy(CIMultiDict([
+        ("Host", "olla"), ("Connection", "keep-alive, X-Secret"), ("X-Secret", "s"), ("Authorization", "Bearer c"),
+        ("TE", "trailers"), ("X-Forwarded-For", "10.0.0.1"), ("X-Custom", "kept"), ("X-Team", "client's"), ("Content-Type", "text/plain"),
+    ]))  # fmt: skip
+    assert request_headers(incoming, endpoint, "127.0.0.1", "http") == [
+        ("X-Custom", "kept"), ("Content-Type", "text/plain"), ("X-Forwarded-For", "10.0.0.1, 127.0.0.1"),
+        ("X-Forwarded-Proto", "http"), ("x-team", "own")]  # fmt: skip
