@@ -119,7 +119,7 @@ async def serve(config, path: Path | None = None) -> int:  # type: ignore[no-unt
     except TimeoutError:
         log.warning("drain timed out", extra={"in_flight": traffic.in_flight})
     await app.stop(server)
-    access.flush()  # the last turn's access-log lines, before the last line of all
+    access.flush()  # the access-log lines still waiting, before the last line of all
     log.info("stopped")
     return 0
 
