@@ -71,7 +71,7 @@ def split(url: str) -> tuple[Origin, str]:
     host = parts.hostname
     shown = f"[{host}]" if ":" in host else host
     fields = (parts.scheme, host, port, shown if port == default else f"{shown}:{port}")
-    origin = _origins.get(fields) or _origins.setdefault(fields, Origin(*fields))
+    origin = _origins.setdefault(fields, Origin(*fields))  # (split is cached: this runs once per URL)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return origin, target
 

@@ -75,7 +75,7 @@ def request_headers(incoming: Mapping[str, str], endpoint: Endpoint, peer: str |
 NOT_RELAYED_PREFIXES = ("x-olla-", "access-control-")
 
 
-def response_headers(upstream: Response) -> list[tuple[str, str]]:
+def response_headers(upstream: Response) -> Headers:
     """The endpoint's headers a client gets: not its framing (Content-Length, chunked), which olla's server sets."""
     dropped = _hop_only(upstream.headers.get("Connection"))
     return [(name, value) for name, value in upstream.raw_headers
